@@ -1,0 +1,40 @@
+"""Model registry: a family registers a builder under a name; a config's `name` picks it.
+
+    @register_model("lenet")
+    def lenet(in_shape, num_classes, **options) -> nn.Module: ...
+
+    create_model("lenet", in_shape=(1, 28, 28), num_classes=10)
+"""
+import inspect
+
+import torch.nn as nn
+
+from cvtrain import UserError
+
+_MODELS = {}
+
+
+def register_model(name: str):
+    def add(builder):
+        if name in _MODELS:
+            raise ValueError(f"model '{name}' is registered twice")
+        _MODELS[name] = builder
+        return builder
+
+    return add
+
+
+def list_models() -> list[str]:
+    return sorted(_MODELS)
+
+
+def create_model(name: str, in_shape: tuple[int, int, int], num_classes: int, **options) -> nn.Module:
+    """Build model `name` for images of shape (C, H, W) and `num_classes` classes."""
+    if name not in _MODELS:
+        raise UserError(f"unknown model '{name}'; registered models: {', '.join(list_models())}")
+    builder = _MODELS[name]
+    accepted = set(inspect.signature(builder).parameters) - {"in_shape", "num_classes"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise UserError(f"model '{name}' has no option(s) {unknown}; its options are {sorted(accepted)}")
+    return builder(in_shape=tuple(in_shape), num_classes=num_classes, **options)

@@ -1,0 +1,199 @@
+"""The training loop: fit / evaluate / checkpoint / resume. Read it top to bottom."""
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from cvtrain import UserError
+from cvtrain.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from cvtrain.data import BatchAugment, InMemoryLoader, load_data
+from cvtrain.losses import build_loss
+from cvtrain.models import create_model
+from cvtrain.monitor import RunLogger, UpdateRatioMonitor, flat_hparams
+from cvtrain.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger("cvtrain")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"trainer.device={name} but CUDA is not available here; use trainer.device=cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"trainer.device={name} is not a device; use auto, cpu, cuda or cuda:N") from None
+
+
+def build_model(cfg, shape, num_classes) -> torch.nn.Module:
+    options = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
+    return create_model(cfg.model.name, shape, num_classes, **options)
+
+
+@torch.no_grad()
+def evaluate(model, loader, loss_fn) -> tuple[float, float]:
+    """(mean loss, accuracy) over the whole loader."""
+    model.eval()
+    total_loss = torch.zeros((), device=loader.labels.device)
+    correct = torch.zeros((), device=loader.labels.device, dtype=torch.long)
+    for x, y in loader:
+        out = model(x)
+        total_loss += loss_fn(out, y) * len(y)
+        correct += (out.argmax(1) == y).sum()
+    n = len(loader.labels)
+    return total_loss.item() / n, correct.item() / n
+
+
+def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, monitor, logger, step, cfg, desc):
+    """One pass over the training data. Returns (mean loss, accuracy, next step)."""
+    model.train()
+    pending_loss, pending_lr, first = [], [], step
+    total_loss = torch.zeros((), device=loader.labels.device)
+    correct = torch.zeros((), device=loader.labels.device, dtype=torch.long)
+    seen = 0
+    show_bar = cfg.trainer.progress and sys.stderr.isatty()
+    with tqdm(total=len(loader), desc=desc, disable=not show_bar, leave=False, unit="batch") as bar:
+        for x, y in loader:
+            out = model(x)
+            loss = loss_fn(out, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            measured = monitor.due(step)
+            if measured:
+                monitor.before_step()
+            pending_lr.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+            if measured:
+                logger.scalars(monitor.after_step(), step)
+
+            pending_loss.append(loss.detach())
+            total_loss += loss.detach() * len(y)
+            correct += (out.argmax(1) == y).sum()
+            seen += len(y)
+            step += 1
+            bar.update()
+            if len(pending_loss) >= cfg.trainer.log_every or bar.n == len(loader):
+                losses = torch.stack(pending_loss).tolist()  # one host sync per log_every steps
+                if not all(map(torch.isfinite, torch.tensor(losses))):
+                    raise UserError(f"the loss became non-finite at step {step}; lower optim.lr")
+                logger.series("train/loss", losses, first)
+                logger.series("opt/lr", pending_lr, first)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                pending_loss, pending_lr, first = [], [], step
+    return total_loss.item() / seen, correct.item() / seen, step
+
+
+def train(cfg, run_dir: Path, choices: dict | None = None) -> dict:
+    """Train cfg.model on cfg.data; write checkpoints, TensorBoard and metrics into run_dir."""
+    run_dir = Path(run_dir)
+    device = resolve_device(cfg.trainer.device)
+    resume = load_checkpoint(cfg.trainer.resume) if cfg.trainer.resume else None
+    if resume and resume["epoch"] >= cfg.trainer.epochs:
+        raise UserError(f"{cfg.trainer.resume} already holds {resume['epoch']} epochs; "
+                        f"set trainer.epochs above that to train on")
+    torch.manual_seed(cfg.trainer.seed)
+
+    data = load_data(cfg.data)
+    model = build_model(cfg, data.shape, data.num_classes).to(device)
+    loss_fn = build_loss(cfg.loss)
+    optimizer = build_optimizer(cfg.optim, model)
+    train_loader = InMemoryLoader(data.train, cfg.data.batch_size, data.mean, data.std, device, shuffle=True,
+                                  augment=BatchAugment(cfg.aug), seed=cfg.trainer.seed, drop_last=True)
+    val_loader = InMemoryLoader(data.val, cfg.data.eval_batch_size, data.mean, data.std, device)
+    scheduler = build_scheduler(cfg.sched, optimizer, cfg.trainer.epochs, len(train_loader))
+    start_epoch, step, best_val_acc, best_epoch = 0, 0, -1.0, 0
+    if resume:
+        _restore(resume, cfg, model, optimizer, scheduler)
+        start_epoch, step = resume["epoch"], resume["step"]
+        best_val_acc, best_epoch = resume["best_val_acc"], resume["best_epoch"]
+        log.info("resumed from %s at epoch %d", cfg.trainer.resume, start_epoch)
+
+    params = sum(p.numel() for p in model.parameters())
+    plain_cfg = OmegaConf.to_container(cfg, resolve=True)
+    logger = RunLogger(run_dir, {**(choices or {}), **flat_hparams(
+        {k: plain_cfg[k] for k in ("model", "optim", "sched", "loss", "aug", "data", "trainer")})})
+    monitor = UpdateRatioMonitor(model, cfg.trainer.monitor_every)
+    data_meta = {"mean": data.mean, "std": data.std, "classes": list(data.classes), "shape": list(data.shape)}
+    log.info("%s: %d parameters | data %s %s, %d train / %d val images | device %s | run dir %s",
+             cfg.model.name, params, cfg.data.source, data.shape, len(data.train), len(data.val), device, run_dir)
+
+    train_time, train_images, start = 0.0, 0, time.perf_counter()
+    for epoch in range(start_epoch, cfg.trainer.epochs):
+        train_loader.set_epoch(epoch)
+        t0 = time.perf_counter()
+        train_loss, train_acc, step = train_one_epoch(
+            model, train_loader, loss_fn, optimizer, scheduler, monitor, logger, step, cfg,
+            desc=f"epoch {epoch + 1}/{cfg.trainer.epochs}")
+        epoch_time = time.perf_counter() - t0
+        train_time += epoch_time
+        train_images += len(train_loader) * cfg.data.batch_size if train_loader.drop_last else len(data.train)
+        val_loss, val_acc = evaluate(model, val_loader, loss_fn)
+
+        record = {"epoch": epoch + 1, "step": step, "train_loss": train_loss, "train_acc": train_acc,
+                  "val_loss": val_loss, "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"],
+                  "epoch_time_s": epoch_time}
+        logger.scalars({"train/acc": train_acc, "val/loss": val_loss, "val/acc": val_acc}, step)
+        logger.epoch_record(record)
+        log.info("epoch %d/%d  train loss %.4f acc %.2f%% | val loss %.4f acc %.2f%% | lr %.3g | %.1fs",
+                 epoch + 1, cfg.trainer.epochs, train_loss, 100 * train_acc, val_loss, 100 * val_acc,
+                 record["lr"], epoch_time)
+
+        improved = val_acc > best_val_acc
+        if improved:
+            best_val_acc, best_epoch = val_acc, epoch + 1
+        if cfg.trainer.checkpoint:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step,
+                     "best_val_acc": best_val_acc, "best_epoch": best_epoch, "rng": rng_state(),
+                     "config": plain_cfg, "data": data_meta}
+            save_checkpoint(run_dir / "checkpoints" / "last.pt", state)
+            if improved:
+                save_checkpoint(run_dir / "checkpoints" / "best.pt", state)
+
+    summary = {"best_val_acc": best_val_acc, "best_epoch": best_epoch, "final_val_acc": val_acc,
+               "epochs": cfg.trainer.epochs, "train_time_s": round(time.perf_counter() - start, 3),
+               "train_images_per_s": round(train_images / max(train_time, 1e-9), 1), "params": params,
+               "device": str(device)}
+    if cfg.trainer.test:
+        summary["test_acc"] = _test_best(cfg, run_dir, model, data, loss_fn, device)
+    logger.summary(summary, step)
+    logger.close()
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("done: best val acc %.2f%% (epoch %d)%s | %.1f s, %.0f train images/s | %s",
+             100 * best_val_acc, best_epoch,
+             f" | test acc {100 * summary['test_acc']:.2f}%" if "test_acc" in summary else "",
+             summary["train_time_s"], summary["train_images_per_s"], run_dir)
+    return summary
+
+
+def _restore(state, cfg, model, optimizer, scheduler) -> None:
+    saved_model = state["config"]["model"]
+    current = OmegaConf.to_container(cfg.model, resolve=True)
+    if saved_model != current:
+        raise UserError(f"trainer.resume: the checkpoint was trained with model {saved_model}, "
+                        f"but this run asks for {current}; resume with the same model settings")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    # keep this run's schedule shape (a longer trainer.epochs stretches it), continue at the saved step
+    sched_state = {k: v for k, v in state["scheduler"].items() if k != "lr_lambdas"}
+    scheduler.load_state_dict(sched_state)
+    set_rng_state(state["rng"])
+
+
+def _test_best(cfg, run_dir, model, data, loss_fn, device) -> float:
+    if data.test is None:
+        raise UserError(f"data.source={cfg.data.source} has no test split; set trainer.test=false")
+    best = run_dir / "checkpoints" / "best.pt"
+    if cfg.trainer.checkpoint and best.exists():
+        model.load_state_dict(load_checkpoint(best, map_location=device)["model"])
+    loader = InMemoryLoader(data.test, cfg.data.eval_batch_size, data.mean, data.std, device)
+    test_loss, test_acc = evaluate(model, loader, loss_fn)
+    log.info("test (best checkpoint): loss %.4f acc %.2f%% on %d images", test_loss, 100 * test_acc, len(data.test))
+    return test_acc
