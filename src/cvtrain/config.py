@@ -39,7 +39,7 @@ class AugConfig:
 
 @dataclass
 class TrainerConfig:
-    epochs: int = 5
+    epochs: int = 10
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
     monitor_every: int = 50  # steps between update-ratio / grad-norm measurements
