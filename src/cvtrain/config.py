@@ -38,6 +38,12 @@ class AugConfig:
 
 
 @dataclass
+class RegConfig:
+    l2: float = 0.0  # loss term 0.5 * l2 * sum(w^2) over weight tensors
+    l1: float = 0.0  # loss term l1 * sum(|w|)
+
+
+@dataclass
 class TrainerConfig:
     epochs: int = 10
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -55,6 +61,7 @@ class Config:
     task: str = "train"
     data: DataConfig = field(default_factory=DataConfig)
     aug: AugConfig = field(default_factory=AugConfig)
+    reg: RegConfig = field(default_factory=RegConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     model: Any = None
     loss: Any = None

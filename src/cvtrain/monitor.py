@@ -50,6 +50,19 @@ class UpdateRatioMonitor:
         return values
 
 
+# settings that do not change what is learned: left out of the HPARAMS table
+_NOT_HPARAMS = {"trainer.progress", "trainer.log_every", "trainer.checkpoint", "trainer.resume",
+                "trainer.monitor_every", "data.cache_dir", "data.root", "data.download", "data.eval_batch_size"}
+_SYNTHETIC_ONLY = {"data.channels", "data.num_classes", "data.num_samples", "data.num_test", "data.noise"}
+
+
+def run_hparams(plain_cfg: dict, choices: dict) -> dict:
+    """The HPARAMS-tab row of a run: its config choices and the values that shape training."""
+    values = flat_hparams({k: plain_cfg[k] for k in ("model", "loss", "reg", "optim", "sched", "aug", "data", "trainer")})
+    skip = _NOT_HPARAMS | (_SYNTHETIC_ONLY if plain_cfg["data"]["source"] != "synthetic" else set())
+    return {**choices, **{k: v for k, v in values.items() if k not in skip}}
+
+
 def flat_hparams(node, prefix: str = "") -> dict:
     """A nested config as {"optim.lr": 0.001, ...} with values TensorBoard accepts."""
     out = {}

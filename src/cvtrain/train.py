@@ -1,5 +1,6 @@
 """The training loop: fit / evaluate / checkpoint / resume. Read it top to bottom."""
 import json
+import math
 import logging
 import sys
 import time
@@ -12,9 +13,10 @@ from tqdm import tqdm
 from cvtrain import UserError
 from cvtrain.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from cvtrain.data import BatchAugment, InMemoryLoader, load_data
-from cvtrain.losses import build_loss
-from cvtrain.models import create_model
-from cvtrain.monitor import RunLogger, UpdateRatioMonitor, flat_hparams
+from cvtrain.losses import Regularizer, build_loss
+from cvtrain.models import create_model, init_weights
+from cvtrain.models.knn import run_knn
+from cvtrain.monitor import RunLogger, UpdateRatioMonitor, run_hparams
 from cvtrain.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("cvtrain")
@@ -32,8 +34,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_model(cfg, shape, num_classes) -> torch.nn.Module:
-    options = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
-    return create_model(cfg.model.name, shape, num_classes, **options)
+    """The configured model for images of `shape` (C, H, W), initialized per model.init."""
+    options = OmegaConf.to_container(cfg.model, resolve=True)
+    name, scheme, bias_init = options.pop("name"), options.pop("init", "default"), options.pop("bias_init", 0.0)
+    model = create_model(name, shape, num_classes, **options)
+    init_weights(model, scheme, bias_init)
+    return model
 
 
 @torch.no_grad()
@@ -50,10 +56,24 @@ def evaluate(model, loader, loss_fn) -> tuple[float, float]:
     return total_loss.item() / n, correct.item() / n
 
 
-def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, monitor, logger, step, cfg, desc):
+def _flush_losses(logger, pending: dict, first: int) -> float:
+    """Write the per-step losses gathered since step `first` (one host sync); return the last loss."""
+    for tag, values in pending.items():
+        if values:
+            values = torch.stack(values).tolist()
+            if not all(map(math.isfinite, values)):
+                raise UserError(f"{tag} became non-finite near step {first + len(values)}; lower optim.lr")
+            logger.series(tag, values, first)
+            if tag == "train/loss":
+                last = values[-1]
+    return last
+
+
+def train_one_epoch(model, loader, loss_fn, regularizer, optimizer, scheduler, monitor, logger, step, cfg, desc):
     """One pass over the training data. Returns (mean loss, accuracy, next step)."""
     model.train()
-    pending_loss, pending_lr, first = [], [], step
+    pending = {"train/loss": [], "train/data_loss": [], "train/reg_loss": []}  # flushed every log_every steps
+    pending_lr, first = [], step
     total_loss = torch.zeros((), device=loader.labels.device)
     correct = torch.zeros((), device=loader.labels.device, dtype=torch.long)
     seen = 0
@@ -61,7 +81,14 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, monitor, logge
     with tqdm(total=len(loader), desc=desc, disable=not show_bar, leave=False, unit="batch") as bar:
         for x, y in loader:
             out = model(x)
-            loss = loss_fn(out, y)
+            data_loss = loss_fn(out, y)
+            if regularizer:
+                reg_loss = regularizer()
+                loss = data_loss + reg_loss
+                pending["train/data_loss"].append(data_loss.detach())
+                pending["train/reg_loss"].append(reg_loss.detach())
+            else:
+                loss = data_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             measured = monitor.due(step)
@@ -73,20 +100,18 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, monitor, logge
             if measured:
                 logger.scalars(monitor.after_step(), step)
 
-            pending_loss.append(loss.detach())
+            pending["train/loss"].append(loss.detach())
             total_loss += loss.detach() * len(y)
             correct += (out.argmax(1) == y).sum()
             seen += len(y)
             step += 1
             bar.update()
-            if len(pending_loss) >= cfg.trainer.log_every or bar.n == len(loader):
-                losses = torch.stack(pending_loss).tolist()  # one host sync per log_every steps
-                if not all(map(torch.isfinite, torch.tensor(losses))):
-                    raise UserError(f"the loss became non-finite at step {step}; lower optim.lr")
-                logger.series("train/loss", losses, first)
+            if len(pending_lr) >= cfg.trainer.log_every or bar.n == len(loader):
+                last_loss = _flush_losses(logger, pending, first)
                 logger.series("opt/lr", pending_lr, first)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-                pending_loss, pending_lr, first = [], [], step
+                bar.set_postfix(loss=f"{last_loss:.4f}")
+                pending = {tag: [] for tag in pending}
+                pending_lr, first = [], step
     return total_loss.item() / seen, correct.item() / seen, step
 
 
@@ -99,10 +124,14 @@ def train(cfg, run_dir: Path, choices: dict | None = None) -> dict:
         raise UserError(f"{cfg.trainer.resume} already holds {resume['epoch']} epochs; "
                         f"set trainer.epochs above that to train on")
     torch.manual_seed(cfg.trainer.seed)
+    plain_cfg = OmegaConf.to_container(cfg, resolve=True)
+    if cfg.model.name == "knn":  # non-parametric: no optimizer loop
+        return run_knn(cfg, run_dir, device, lambda data: RunLogger(run_dir, run_hparams(plain_cfg, choices or {})))
 
     data = load_data(cfg.data)
     model = build_model(cfg, data.shape, data.num_classes).to(device)
     loss_fn = build_loss(cfg.loss)
+    regularizer = Regularizer(cfg.reg, model)
     optimizer = build_optimizer(cfg.optim, model)
     train_loader = InMemoryLoader(data.train, cfg.data.batch_size, data.mean, data.std, device, shuffle=True,
                                   augment=BatchAugment(cfg.aug), seed=cfg.trainer.seed, drop_last=True)
@@ -116,9 +145,7 @@ def train(cfg, run_dir: Path, choices: dict | None = None) -> dict:
         log.info("resumed from %s at epoch %d", cfg.trainer.resume, start_epoch)
 
     params = sum(p.numel() for p in model.parameters())
-    plain_cfg = OmegaConf.to_container(cfg, resolve=True)
-    logger = RunLogger(run_dir, {**(choices or {}), **flat_hparams(
-        {k: plain_cfg[k] for k in ("model", "optim", "sched", "loss", "aug", "data", "trainer")})})
+    logger = RunLogger(run_dir, run_hparams(plain_cfg, choices or {}))
     monitor = UpdateRatioMonitor(model, cfg.trainer.monitor_every)
     data_meta = {"mean": data.mean, "std": data.std, "classes": list(data.classes), "shape": list(data.shape)}
     log.info("%s: %d parameters | data %s %s, %d train / %d val images | device %s | run dir %s",
@@ -129,7 +156,7 @@ def train(cfg, run_dir: Path, choices: dict | None = None) -> dict:
         train_loader.set_epoch(epoch)
         t0 = time.perf_counter()
         train_loss, train_acc, step = train_one_epoch(
-            model, train_loader, loss_fn, optimizer, scheduler, monitor, logger, step, cfg,
+            model, train_loader, loss_fn, regularizer, optimizer, scheduler, monitor, logger, step, cfg,
             desc=f"epoch {epoch + 1}/{cfg.trainer.epochs}")
         epoch_time = time.perf_counter() - t0
         train_time += epoch_time

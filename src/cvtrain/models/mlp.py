@@ -1,28 +1,50 @@
 """Multi-layer perceptron: fully connected layers with a nonlinearity between them."""
+import torch
 import torch.nn as nn
 
 from cvtrain import UserError
 from cvtrain.models.registry import register_model
 
+
+class Maxout(nn.Module):
+    """Maxout unit (Goodfellow et al. 2013): the max over `pieces` linear functions of the input."""
+
+    def __init__(self, in_features: int, out_features: int, pieces: int = 2):
+        super().__init__()
+        self.out_features, self.pieces = out_features, pieces
+        self.linear = nn.Linear(in_features, out_features * pieces)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x).view(-1, self.out_features, self.pieces).amax(-1)
+
+
 ACTIVATIONS = {
     "relu": nn.ReLU,
+    "leaky_relu": lambda: nn.LeakyReLU(0.01),
+    "prelu": nn.PReLU,
+    "elu": nn.ELU,
     "tanh": nn.Tanh,
     "sigmoid": nn.Sigmoid,
-    "leaky_relu": nn.LeakyReLU,
+    "maxout": None,  # replaces the Linear + activation pair
 }
 
 
 @register_model("mlp")
-def mlp(in_shape, num_classes, hidden_sizes=(256,), activation="relu", dropout=0.0, batch_norm=False):
+def mlp(in_shape, num_classes, hidden_sizes=(256,), activation="relu", dropout=0.0, batch_norm=False,
+        maxout_pieces=2):
     if activation not in ACTIVATIONS:
-        raise UserError(f"model.activation='{activation}' is unknown; choose one of {sorted(ACTIVATIONS)}")
+        raise UserError(f"model.activation='{activation}' is unknown; choose one of {', '.join(ACTIVATIONS)}")
     c, h, w = in_shape
     layers, width = [nn.Flatten()], c * h * w
     for hidden in hidden_sizes:
-        layers.append(nn.Linear(width, hidden))
+        if activation == "maxout":
+            layers.append(Maxout(width, hidden, maxout_pieces))
+        else:
+            layers.append(nn.Linear(width, hidden))
         if batch_norm:
             layers.append(nn.BatchNorm1d(hidden))
-        layers.append(ACTIVATIONS[activation]())
+        if activation != "maxout":
+            layers.append(ACTIVATIONS[activation]())
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
         width = hidden
