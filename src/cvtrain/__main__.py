@@ -23,7 +23,13 @@ def run_train(cfg: DictConfig):
     return train(cfg, Path(hydra_cfg.runtime.output_dir), choices)
 
 
-TASKS = {"train": run_train}
+def run_summary(cfg: DictConfig):
+    from cvtrain.summary import model_summary
+
+    print(model_summary(cfg))
+
+
+TASKS = {"train": run_train, "summary": run_summary}
 
 
 @hydra.main(version_base="1.3", config_path="pkg://cvtrain.configs", config_name="config")
