@@ -114,6 +114,9 @@ def model_summary(cfg) -> str:
     from cvtrain.train import build_model
 
     shape, num_classes = data_geometry(cfg.data)
+    if cfg.model.name == "knn":
+        return (f"knn has no layers or trained parameters: it stores the training images ({_shape(shape)} "
+                f"each) and compares every query with all of them\nparams=0 macs=0")
     model = build_model(cfg, shape, num_classes)
     rows, totals = summarize(model, shape)
     title = f"{cfg.model.name} on {_shape(shape)} images, {num_classes} classes"

@@ -79,7 +79,7 @@ def train_one_epoch(model, loader, loss_fn, regularizer, optimizer, scheduler, m
     seen = 0
     show_bar = cfg.trainer.progress and sys.stderr.isatty()
     with tqdm(total=len(loader), desc=desc, disable=not show_bar, leave=False, unit="batch") as bar:
-        for x, y in loader:
+        for i, (x, y) in enumerate(loader):
             out = model(x)
             data_loss = loss_fn(out, y)
             if regularizer:
@@ -106,7 +106,7 @@ def train_one_epoch(model, loader, loss_fn, regularizer, optimizer, scheduler, m
             seen += len(y)
             step += 1
             bar.update()
-            if len(pending_lr) >= cfg.trainer.log_every or bar.n == len(loader):
+            if len(pending_lr) >= cfg.trainer.log_every or i == len(loader) - 1:
                 last_loss = _flush_losses(logger, pending, first)
                 logger.series("opt/lr", pending_lr, first)
                 bar.set_postfix(loss=f"{last_loss:.4f}")
@@ -209,8 +209,7 @@ def _restore(state, cfg, model, optimizer, scheduler) -> None:
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     # keep this run's schedule shape (a longer trainer.epochs stretches it), continue at the saved step
-    sched_state = {k: v for k, v in state["scheduler"].items() if k != "lr_lambdas"}
-    scheduler.load_state_dict(sched_state)
+    scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(scheduler.lr_lambdas)})
     set_rng_state(state["rng"])
 
 

@@ -24,6 +24,19 @@ def register_model(name: str):
     return add
 
 
+VARIANTS = ("auto", "imagenet", "small")
+IMAGENET_MIN_SIDE = 64  # variant=auto picks the ImageNet form from this side length up
+
+
+def pick_variant(variant: str, in_shape, model: str) -> str:
+    """Resolve model.variant=auto from the image size: the ImageNet form for >= 64 px, the small form below."""
+    if variant not in VARIANTS:
+        raise UserError(f"model.variant='{variant}' is unknown for {model}; choose one of {', '.join(VARIANTS)}")
+    if variant == "auto":
+        return "imagenet" if min(in_shape[1:]) >= IMAGENET_MIN_SIDE else "small"
+    return variant
+
+
 def list_models() -> list[str]:
     return sorted(_MODELS)
 
