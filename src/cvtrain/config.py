@@ -15,7 +15,7 @@ from hydra.core.config_store import ConfigStore
 @dataclass
 class DataConfig:
     source: str = "digits"  # digits | mnist | fashion_mnist | cifar10 | cifar100 | svhn | imagefolder | synthetic
-    root: str = "data"  # where torchvision datasets / an ImageFolder tree live
+    root: Optional[str] = None  # where torchvision datasets / an ImageFolder tree live
     download: bool = True  # torchvision sources only
     batch_size: int = 128
     eval_batch_size: int = 1000

@@ -137,7 +137,7 @@ def train(cfg, run_dir: Path, choices: dict | None = None) -> dict:
                                   augment=BatchAugment(cfg.aug), seed=cfg.trainer.seed, drop_last=True)
     val_loader = InMemoryLoader(data.val, cfg.data.eval_batch_size, data.mean, data.std, device)
     scheduler = build_scheduler(cfg.sched, optimizer, cfg.trainer.epochs, len(train_loader))
-    start_epoch, step, best_val_acc, best_epoch = 0, 0, -1.0, 0
+    start_epoch, step, best_val_acc, best_epoch, val_acc = 0, 0, -1.0, 0, float("nan")
     if resume:
         _restore(resume, cfg, model, optimizer, scheduler)
         start_epoch, step = resume["epoch"], resume["step"]
@@ -201,15 +201,19 @@ def train(cfg, run_dir: Path, choices: dict | None = None) -> dict:
 
 
 def _restore(state, cfg, model, optimizer, scheduler) -> None:
-    saved_model = state["config"]["model"]
-    current = OmegaConf.to_container(cfg.model, resolve=True)
-    if saved_model != current:
-        raise UserError(f"trainer.resume: the checkpoint was trained with model {saved_model}, "
-                        f"but this run asks for {current}; resume with the same model settings")
+    for group in ("model", "optim"):
+        saved, current = state["config"][group], OmegaConf.to_container(cfg[group], resolve=True)
+        if saved.get("name", saved.get("_target_")) != current.get("name", current.get("_target_")) or (
+                group == "model" and saved != current):
+            raise UserError(f"trainer.resume: the checkpoint was trained with {group} {saved}, but this run "
+                            f"asks for {current}; resume with the same {group} settings")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     # keep this run's schedule shape (a longer trainer.epochs stretches it), continue at the saved step
     scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(scheduler.lr_lambdas)})
+    for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     set_rng_state(state["rng"])
 
 

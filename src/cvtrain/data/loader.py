@@ -1,0 +1,45 @@
+"""In-memory batching: uint8 images stay on the training device; each batch is
+indexed, converted to float, augmented and normalized with tensor ops."""
+import torch
+
+from cvtrain.data.sources import Split
+
+
+class InMemoryLoader:
+    """Iterates over (images, labels) batches of a Split that lives on `device`.
+
+    The order (and augmentation) of epoch e is drawn from a generator seeded with
+    (seed, e), so any epoch can be replayed exactly, e.g. after a resume.
+    """
+
+    def __init__(self, split: Split, batch_size: int, mean: torch.Tensor, std: torch.Tensor,
+                 device: torch.device, shuffle: bool = False, augment=None, seed: int = 0,
+                 drop_last: bool = False):
+        self.images = split.images.to(device)
+        self.labels = split.labels.to(device)
+        self.batch_size, self.shuffle, self.augment, self.seed = batch_size, shuffle, augment, seed
+        # drop a ragged last batch only when there is a full one (batch norm needs > 1 sample)
+        self.drop_last = drop_last and len(self.labels) >= batch_size
+        shape = (1, -1, 1, 1)
+        self.mean = mean.to(device, torch.float32).view(shape)
+        self.std = std.to(device, torch.float32).view(shape)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        n = len(self.labels)
+        order = torch.randperm(n, generator=gen).to(self.images.device) if self.shuffle else None
+        for i in range(len(self)):
+            sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
+            idx = order[sl] if order is not None else sl
+            x = self.images[idx].float().div_(255)
+            if self.augment:
+                x = self.augment(x, gen)
+            yield (x - self.mean) / self.std, self.labels[idx]
