@@ -1,6 +1,7 @@
 """The training loop: fit / evaluate / checkpoint / resume. Read it top to bottom."""
 import json
 import math
+import shutil
 import logging
 import sys
 import time
@@ -128,6 +129,8 @@ def train(cfg, run_dir: Path, choices: dict | None = None) -> dict:
     if cfg.model.name == "knn":  # non-parametric: no optimizer loop
         return run_knn(cfg, run_dir, device, lambda data: RunLogger(run_dir, run_hparams(plain_cfg, choices or {})))
 
+    if cfg.trainer.epochs < 1:
+        raise UserError(f"trainer.epochs={cfg.trainer.epochs}: train for at least 1 epoch")
     data = load_data(cfg.data)
     model = build_model(cfg, data.shape, data.num_classes).to(device)
     loss_fn = build_loss(cfg.loss)
@@ -140,6 +143,7 @@ def train(cfg, run_dir: Path, choices: dict | None = None) -> dict:
     start_epoch, step, best_val_acc, best_epoch, val_acc = 0, 0, -1.0, 0, float("nan")
     if resume:
         _restore(resume, cfg, model, optimizer, scheduler)
+        _carry_best_checkpoint(Path(cfg.trainer.resume), run_dir)
         start_epoch, step = resume["epoch"], resume["step"]
         best_val_acc, best_epoch = resume["best_val_acc"], resume["best_epoch"]
         log.info("resumed from %s at epoch %d", cfg.trainer.resume, start_epoch)
@@ -207,14 +211,31 @@ def _restore(state, cfg, model, optimizer, scheduler) -> None:
                 group == "model" and saved != current):
             raise UserError(f"trainer.resume: the checkpoint was trained with {group} {saved}, but this run "
                             f"asks for {current}; resume with the same {group} settings")
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise UserError(f"trainer.resume: the checkpoint's weights do not fit this model on this data "
+                        f"(trained on images {state['data']['shape']}): {str(err).splitlines()[-1].strip()}") from None
+    # the optimizer's state (momentum, Adam moments) comes back; its settings (lr, betas, ...) are this run's
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)
     # keep this run's schedule shape (a longer trainer.epochs stretches it), continue at the saved step
-    scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(scheduler.lr_lambdas)})
+    scheduler.load_state_dict({**state["scheduler"], "base_lrs": scheduler.base_lrs,
+                               "lr_lambdas": [None] * len(scheduler.lr_lambdas)})
     for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base_lr * factor(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     set_rng_state(state["rng"])
+
+
+def _carry_best_checkpoint(resume_path: Path, run_dir: Path) -> None:
+    """A resumed run dir starts with the best checkpoint so far, so it is complete on its own."""
+    best = resume_path.parent / "best.pt"
+    if best.is_file() and best.resolve() != (run_dir / "checkpoints" / "best.pt").resolve():
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(best, run_dir / "checkpoints" / "best.pt")
 
 
 def _test_best(cfg, run_dir, model, data, loss_fn, device) -> float:
