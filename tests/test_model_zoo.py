@@ -183,6 +183,11 @@ def fit_one_batch(name, side=32, lr=1e-3, max_steps=40, **options):
 
 
 FIT = [  # (name, options, lr, image side); dropout off: this checks that gradients reach every layer
+    ("linear", {}, 1e-2, 32),
+    ("mlp", {"activation": "maxout"}, 1e-3, 32),
+    ("mlp", {"activation": "tanh", "batch_norm": True}, 1e-3, 32),
+    ("lenet", {}, 1e-3, 32),
+    ("lenet", {"variant": "classic"}, 3e-3, 32),
     ("resnet20", {}, 1e-3, 32),
     ("alexnet", {"dropout": 0.0}, 1e-3, 32),
     ("nin", {"dropout": 0.0}, 1e-3, 32),
@@ -203,7 +208,7 @@ FIT_SLOW = [
 
 
 @pytest.mark.parametrize("name,options,lr,side", [
-    *[pytest.param(*case, id=f"{case[0]}-{case[3]}px") for case in FIT],
+    *[pytest.param(*case, id=f"{case[0]}-{'-'.join(map(str, case[1].values()))}-{case[3]}px") for case in FIT],
     *[pytest.param(*case, id=f"{case[0]}{'_bn' if case[1].get('batch_norm') else ''}-{case[3]}px",
                    marks=pytest.mark.slow) for case in FIT_SLOW]])
 def test_fits_a_small_batch(name, options, lr, side):
