@@ -1,62 +1,245 @@
 """Optimizers and learning-rate schedules built from the `optim` and `sched` groups.
 
-`optim` configs are `_target_` + `_partial_: true` nodes (torch.optim classes);
-`sched` configs point at the schedule factories below, which get the optimizer
-and the run's length and return a LambdaLR stepped once per iteration, so
-`opt/lr` in TensorBoard shows the real value at every step.
+`optim` configs are torch.optim classes (`_target_` + `_partial_: true`) plus one key of
+ours, `decay_norm_and_bias`, that build_optimizer takes out: false puts biases and
+normalization parameters in a param group without weight decay.
+
+`sched` configs point at the schedule factories below. Each returns a `Schedule`, which
+sets every param group's lr to
+
+    optim.lr * warmup(u) * decay(t) * plateau_scale
+
+and is driven by the training loop with `step_batch()` after every optimizer step and
+`step_epoch(val_loss, val_acc)` after every epoch's validation. `u` counts the schedule's
+units: optimizer steps with `interval: step`, finished epochs with `interval: epoch` (then the
+lr changes only at epoch boundaries). warmup(u) = (u + 1) / W for the first W units
+(`warmup_epochs` of them), then 1; the decay starts at optim.lr when the warmup ends, on its
+own clock: `t` is the time in epochs since then, fractional with `interval: step` (steps /
+steps per epoch), whole with `interval: epoch`, so decay rates are per epoch whatever the
+interval. The lr is a closed form of two counters (steps, epochs) and the plateau's
+bookkeeping; that is all `state_dict()` holds, so a resumed run follows its own optim.lr
+and trainer.epochs.
 """
 import math
+from typing import Callable
 
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from cvtrain import UserError
+
+# ---------------------------------------------------------------------------------------------
+# Optimizers
+# ---------------------------------------------------------------------------------------------
+
+NORM_LAYERS = (torch.nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm*
+               torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.RMSNorm, torch.nn.LocalResponseNorm)
+
+
+def param_groups(model: torch.nn.Module, weight_decay_norm_and_bias: bool = True) -> list:
+    """The trainable parameters as optimizer param groups.
+
+    One group when `weight_decay_norm_and_bias` (torch's default: weight decay on everything);
+    otherwise a first group of the weights that get weight decay and a second one with
+    weight_decay 0 for biases, every other 1-D parameter (PReLU slopes, ...) and all
+    parameters of normalization layers.
+    """
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            exempt = param.ndim <= 1 or isinstance(module, NORM_LAYERS)
+            (no_decay if exempt and not weight_decay_norm_and_bias else decay).append(param)
+    groups = [{"params": decay}] if decay else []
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
 
 
 def build_optimizer(optim_cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    return instantiate(optim_cfg, _convert_="all")(params)
+    options = OmegaConf.to_container(optim_cfg, resolve=True) if OmegaConf.is_config(optim_cfg) else dict(optim_cfg)
+    decay_all = options.pop("decay_norm_and_bias", True)
+    return instantiate(options, _convert_="all")(param_groups(model, decay_all))
 
 
-def build_scheduler(sched_cfg, optimizer, epochs: int, steps_per_epoch: int):
-    return instantiate(sched_cfg, _convert_="all")(
-        optimizer, epochs=epochs, steps_per_epoch=steps_per_epoch
-    )
+# ---------------------------------------------------------------------------------------------
+# Learning-rate schedules
+# ---------------------------------------------------------------------------------------------
+
+def build_scheduler(sched_cfg, optimizer, epochs: int, steps_per_epoch: int) -> "Schedule":
+    return instantiate(sched_cfg, _convert_="all")(optimizer, epochs=epochs, steps_per_epoch=steps_per_epoch)
 
 
-class _Warmup:
-    """lr multiplier: linear warmup from 1/warmup to 1 over `warmup` steps, then `after(step)`."""
+class Plateau:
+    """Reduce-on-plateau bookkeeping, as torch.optim.lr_scheduler.ReduceLROnPlateau (threshold_mode rel).
 
-    def __init__(self, warmup_steps: int):
-        self.warmup_steps = warmup_steps
+    `update(metric)` once per epoch with the `monitor` metric: val_loss is watched for a minimum
+    (mode min: an epoch improves when it is below best * (1 - threshold)), val_acc for a maximum
+    (mode max: above best * (1 + threshold)). When more than `patience` epochs in a row did not
+    improve, `scale` is multiplied by `factor` (not below `min_scale`) and `cooldown` epochs
+    follow in which no epoch counts as bad.
+    """
+    MODES = {"val_loss": "min", "val_acc": "max"}
 
-    def warmup(self, step: int) -> float:
-        return (step + 1) / self.warmup_steps
+    def __init__(self, monitor: str, factor: float, patience: int, threshold: float, cooldown: int, min_scale: float):
+        if monitor not in self.MODES:
+            raise UserError(f"sched.monitor={monitor}: use val_loss (mode min) or val_acc (mode max)")
+        if not 0 < factor < 1:
+            raise UserError(f"sched.factor={factor}: the plateau schedule needs 0 < factor < 1")
+        self.monitor, self.mode, self.factor, self.patience = monitor, self.MODES[monitor], factor, patience
+        self.threshold, self.cooldown, self.min_scale = threshold, cooldown, min_scale
+        self.scale, self.bad_epochs, self.cooldown_left = 1.0, 0, 0
+        self.best = math.inf if self.mode == "min" else -math.inf
+
+    def improves(self, metric: float) -> bool:
+        if self.mode == "min":
+            return metric < self.best * (1 - self.threshold)
+        return metric > self.best * (1 + self.threshold)
+
+    def update(self, metric: float) -> None:
+        if self.improves(metric):
+            self.best, self.bad_epochs = metric, 0
+        else:
+            self.bad_epochs += 1
+        if self.cooldown_left > 0:
+            self.cooldown_left -= 1
+            self.bad_epochs = 0
+        if self.bad_epochs > self.patience:
+            self.scale = max(self.scale * self.factor, self.min_scale)
+            self.cooldown_left, self.bad_epochs = self.cooldown, 0
+
+    STATE = ("scale", "best", "bad_epochs", "cooldown_left")
+
+    def state_dict(self) -> dict:
+        return {key: getattr(self, key) for key in self.STATE}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in self.STATE:
+            setattr(self, key, state[key])
 
 
-class _Constant(_Warmup):
-    def __call__(self, step: int) -> float:
-        return self.warmup(step) if step < self.warmup_steps else 1.0
+class Schedule:
+    """Sets every param group's lr to base_lr * warmup(u) * decay(t) * plateau scale (see the module doc).
+
+    `decay(t)` is a multiplier, 1 at t = 0, of the time t in epochs since the warmup ended.
+    base_lr is each param group's lr when the Schedule is built (optim.lr).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, decay: Callable[[float], float], steps_per_epoch: int,
+                 warmup_epochs: float = 0.0, interval: str = "step", plateau: Plateau | None = None):
+        if interval not in ("step", "epoch"):
+            raise UserError(f"sched.interval={interval}: use step (the lr changes every iteration) or epoch")
+        self.units_per_epoch = steps_per_epoch if interval == "step" else 1
+        self.warmup = round(warmup_epochs * self.units_per_epoch)  # in units
+        if interval == "epoch" and self.warmup != warmup_epochs:
+            raise UserError(f"sched.warmup_epochs={warmup_epochs} with sched.interval=epoch: "
+                            f"use whole epochs, or sched.interval=step")
+        self.optimizer, self.decay, self.interval, self.plateau = optimizer, decay, interval, plateau
+        self.steps_per_epoch = steps_per_epoch
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.steps, self.epochs = 0, 0  # optimizer steps taken, epochs finished
+        self._apply()
+
+    @property
+    def units(self) -> int:
+        return self.steps if self.interval == "step" else self.epochs
+
+    def multiplier(self) -> float:
+        u = self.units
+        warmup = (u + 1) / self.warmup if u < self.warmup else 1.0
+        t = max(0, u - self.warmup) / self.units_per_epoch
+        return warmup * self.decay(t) * (self.plateau.scale if self.plateau else 1.0)
+
+    def _apply(self) -> None:
+        factor = self.multiplier()
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base_lr * factor
+
+    def step_batch(self) -> None:
+        """After every optimizer.step()."""
+        self.steps += 1
+        if self.interval == "step":
+            self._apply()
+
+    def step_epoch(self, val_loss: float, val_acc: float) -> None:
+        """After every epoch, once its validation metrics are known."""
+        self.epochs += 1
+        if self.plateau:
+            self.plateau.update({"val_loss": val_loss, "val_acc": val_acc}[self.plateau.monitor])
+        self._apply()
+
+    def get_last_lr(self) -> list:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        """Plain numbers only (torch.load(weights_only=True) reads it); the shape of the schedule
+        (optim.lr, trainer.epochs, the sched values) comes from the run that loads it."""
+        return {"steps": self.steps, "epochs": self.epochs,
+                "plateau": self.plateau.state_dict() if self.plateau else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "last_epoch" in state:  # a LambdaLR's state, from checkpoints older than this class: it counted steps
+            state = {"steps": state["last_epoch"], "epochs": state["last_epoch"] // self.steps_per_epoch}
+        self.steps, self.epochs = state["steps"], state["epochs"]
+        if self.plateau and state.get("plateau"):
+            self.plateau.load_state_dict(state["plateau"])
+        self._apply()
 
 
-class _Cosine(_Warmup):
-    def __init__(self, warmup_steps: int, total_steps: int, min_lr_ratio: float):
-        super().__init__(warmup_steps)
-        self.total_steps, self.min_lr_ratio = total_steps, min_lr_ratio
+# --- the `sched=` options: factories called with (optimizer, epochs=, steps_per_epoch=) ---------
 
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.warmup(step)
-        span = max(1, self.total_steps - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / span)
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+def constant_schedule(optimizer, epochs: int, steps_per_epoch: int, warmup_epochs: float = 0.0,
+                      interval: str = "step") -> Schedule:
+    return Schedule(optimizer, lambda t: 1.0, steps_per_epoch, warmup_epochs, interval)
 
 
-def constant_schedule(optimizer, epochs: int, steps_per_epoch: int, warmup_epochs: float = 0.0):
-    warmup = round(warmup_epochs * steps_per_epoch)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, _Constant(warmup))
+def step_schedule(optimizer, epochs: int, steps_per_epoch: int, every_epochs: float, factor: float,
+                  warmup_epochs: float = 0.0, interval: str = "step") -> Schedule:
+    """factor ** floor(t / every_epochs)"""
+    if every_epochs <= 0:
+        raise UserError(f"sched.every_epochs={every_epochs}: must be positive")
+    return Schedule(optimizer, lambda t: factor ** math.floor(t / every_epochs + 1e-9), steps_per_epoch,
+                    warmup_epochs, interval)
+
+
+def multistep_schedule(optimizer, epochs: int, steps_per_epoch: int, milestones: list, factor: float,
+                       warmup_epochs: float = 0.0, interval: str = "step") -> Schedule:
+    """factor ** (number of milestones <= t)"""
+    milestones = sorted(milestones)
+    return Schedule(optimizer, lambda t: factor ** sum(t + 1e-9 >= m for m in milestones), steps_per_epoch,
+                    warmup_epochs, interval)
+
+
+def exponential_schedule(optimizer, epochs: int, steps_per_epoch: int, k: float, warmup_epochs: float = 0.0,
+                         interval: str = "step") -> Schedule:
+    """exp(-k t)"""
+    return Schedule(optimizer, lambda t: math.exp(-k * t), steps_per_epoch, warmup_epochs, interval)
+
+
+def inverse_time_schedule(optimizer, epochs: int, steps_per_epoch: int, k: float, warmup_epochs: float = 0.0,
+                          interval: str = "step") -> Schedule:
+    """1 / (1 + k t)"""
+    return Schedule(optimizer, lambda t: 1.0 / (1.0 + k * t), steps_per_epoch, warmup_epochs, interval)
 
 
 def cosine_schedule(optimizer, epochs: int, steps_per_epoch: int, warmup_epochs: float = 0.0,
-                    min_lr_ratio: float = 0.0):
-    warmup = round(warmup_epochs * steps_per_epoch)
-    total = epochs * steps_per_epoch
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, _Cosine(warmup, total, min_lr_ratio))
+                    min_lr_ratio: float = 0.0, interval: str = "step") -> Schedule:
+    """min_lr_ratio + (1 - min_lr_ratio) * (1 + cos(pi * t / T)) / 2, T = the epochs after the warmup."""
+    if interval == "step":  # the warmup takes whole steps
+        warmup_epochs = round(warmup_epochs * steps_per_epoch) / steps_per_epoch
+    span = max(1e-9, epochs - warmup_epochs)
+
+    def cosine(t):
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t / span)))
+    return Schedule(optimizer, cosine, steps_per_epoch, warmup_epochs, interval)
+
+
+def plateau_schedule(optimizer, epochs: int, steps_per_epoch: int, monitor: str = "val_loss", factor: float = 0.1,
+                     patience: int = 2, threshold: float = 1e-4, cooldown: int = 0, min_lr_ratio: float = 0.0,
+                     warmup_epochs: float = 0.0, interval: str = "step") -> Schedule:
+    """factor ** (plateaus of `monitor` so far); see Plateau."""
+    plateau = Plateau(monitor, factor, patience, threshold, cooldown, min_lr_ratio)
+    return Schedule(optimizer, lambda t: 1.0, steps_per_epoch, warmup_epochs, interval, plateau)
