@@ -14,7 +14,7 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from cvtrain.config import register_configs
 from cvtrain.data import load_data
-from cvtrain.models.knn import KNNClassifier, _normalized
+from cvtrain.models.knn import KNNClassifier, _preprocessed
 
 
 def main():
@@ -28,8 +28,8 @@ def main():
         cfg = compose("config", overrides=list(overrides))
     data = load_data(cfg.data)
     cpu = torch.device("cpu")
-    train_x, train_y = _normalized(data.train, data.mean, data.std, cpu)
-    val_x, val_y = _normalized(data.val, data.mean, data.std, cpu)
+    train_x, train_y = _preprocessed(data.train, data.preprocess, cpu)  # data.preprocess, as cvtrain's kNN
+    val_x, val_y = _preprocessed(data.val, data.preprocess, cpu)
     if args.queries:
         val_x, val_y = val_x[: args.queries], val_y[: args.queries]
     print(f"{len(train_y)} training vectors of {train_x[0].numel()} values, {len(val_y)} queries, "

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from cvtrain import UserError
-from cvtrain.optim import build_optimizer, build_scheduler
+from cvtrain.optim import Schedule, build_optimizer, build_scheduler
 from cvtrain.train import build_model
 
 CONFIG_DIR = importlib.resources.files("cvtrain.configs")
@@ -93,7 +93,7 @@ def test_optimizer_builds_and_steps(compose_config, group, option):
     cfg = compose_config([f"optim={option}"])
     model = build_model(compose_config(["model=linear"]), (1, 28, 28), 10)
     optimizer = build_optimizer(cfg.optim, model)
-    assert type(optimizer).__name__.lower() == option
+    assert type(optimizer).__name__.lower() == {"momentum": "sgd", "nesterov": "sgd"}.get(option, option)
     assert optimizer.param_groups[0]["lr"] == cfg.optim.lr
     before = [p.detach().clone() for p in model.parameters()]
     model(torch.randn(4, 1, 28, 28)).logsumexp(1).mean().backward()
@@ -106,8 +106,13 @@ def test_scheduler_builds(compose_config, group, option):
     cfg = compose_config([f"sched={option}"])
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     scheduler = build_scheduler(cfg.sched, optimizer, epochs=3, steps_per_epoch=4)
-    assert isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler)
+    assert isinstance(scheduler, Schedule)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
+    for _ in range(4):
+        optimizer.step()
+        scheduler.step_batch()
+    scheduler.step_epoch(val_loss=1.0, val_acc=0.5)
+    assert 0 < optimizer.param_groups[0]["lr"] <= 0.1
 
 
 # --- typed groups reject mistakes ------------------------------------------------------
@@ -139,10 +144,12 @@ def lr_trace(compose_config, overrides):
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR)
     scheduler = build_scheduler(cfg.sched, optimizer, epochs=EPOCHS, steps_per_epoch=STEPS)
     used = []
-    for _ in range(TOTAL):
+    for step in range(TOTAL):
         used.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
-        scheduler.step()
+        scheduler.step_batch()
+        if (step + 1) % STEPS == 0:
+            scheduler.step_epoch(val_loss=1.0, val_acc=0.5)
     return used, optimizer.param_groups[0]["lr"]
 
 

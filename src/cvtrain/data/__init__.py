@@ -1,4 +1,4 @@
-"""Data: sources -> splits (train / val carved from train / test) -> normalization stats."""
+"""Data: sources -> splits (train / val carved from train / test) -> preprocessing fitted on train."""
 from dataclasses import dataclass
 from typing import Optional
 
@@ -7,9 +7,11 @@ import torch
 from cvtrain import UserError
 from cvtrain.data.augment import BatchAugment
 from cvtrain.data.loader import InMemoryLoader
+from cvtrain.data.preprocess import Preprocessor, channel_stats
 from cvtrain.data.sources import SOURCES, Source, Split
 
-__all__ = ["BatchAugment", "DataBundle", "InMemoryLoader", "Split", "load_data", "stratified_split"]
+__all__ = ["BatchAugment", "DataBundle", "InMemoryLoader", "Preprocessor", "Split", "channel_stats", "load_data",
+           "stratified_split"]
 
 
 @dataclass
@@ -20,6 +22,11 @@ class DataBundle:
     classes: list
     mean: torch.Tensor  # per channel, on [0, 1] pixels, from the training split only
     std: torch.Tensor
+    preprocess: Optional[Preprocessor] = None  # data.preprocess, fitted on the training split only
+
+    def __post_init__(self):
+        if self.preprocess is None:
+            self.preprocess = Preprocessor.standardize(self.mean, self.std)
 
     @property
     def shape(self) -> tuple:
@@ -44,21 +51,9 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int):
     return torch.nonzero(keep).flatten(), val
 
 
-def channel_stats(images: torch.Tensor, chunk: int = 10_000):
-    """Per-channel mean and std of uint8 images (N, C, H, W), as floats on [0, 1]."""
-    total = torch.zeros(images.shape[1], dtype=torch.float64)
-    total_sq = torch.zeros_like(total)
-    for i in range(0, len(images), chunk):
-        x = images[i:i + chunk].double().div_(255)
-        total += x.sum((0, 2, 3))
-        total_sq += (x * x).sum((0, 2, 3))
-    count = images.numel() / images.shape[1]
-    mean = total / count
-    std = (total_sq / count - mean**2).clamp_min(1e-12).sqrt()
-    return mean.float(), std.float()
-
-
-def load_data(data_cfg) -> DataBundle:
+def load_data(data_cfg, device=None) -> DataBundle:
+    """The configured splits, with data.preprocess fitted on the training split (on `device`, default CPU)."""
+    preprocess = Preprocessor(data_cfg.get("preprocess", "standardize"), data_cfg.get("whiten_eps", 1e-2))
     if data_cfg.source not in SOURCES:
         raise UserError(f"data.source='{data_cfg.source}' is unknown; choose one of {sorted(SOURCES)}")
     source: Source = SOURCES[data_cfg.source](data_cfg)
@@ -71,5 +66,8 @@ def load_data(data_cfg) -> DataBundle:
         if len(val_idx) == 0:
             raise UserError(f"data.val_fraction={data_cfg.val_fraction} leaves no validation images; raise it")
         train, val = train.subset(train_idx), train.subset(val_idx)
-    mean, std = channel_stats(train.images)
-    return DataBundle(train, val, source.test, source.classes, mean, std)
+    preprocess.fit(train.images, device=device)
+    # per-channel mean/std always: checkpoints and scripts/benchmark.py's plain loop read them
+    mean, std = (preprocess.stats["mean"], preprocess.stats["std"]) if preprocess.method == "standardize" \
+        else channel_stats(train.images)
+    return DataBundle(train, val, source.test, source.classes, mean, std, preprocess)

@@ -1,7 +1,8 @@
 """In-memory batching: uint8 images stay on the training device; each batch is
-indexed, converted to float, augmented and normalized with tensor ops."""
+indexed, converted to float, augmented and preprocessed with tensor ops."""
 import torch
 
+from cvtrain.data.preprocess import Preprocessor
 from cvtrain.data.sources import Split
 
 
@@ -10,19 +11,24 @@ class InMemoryLoader:
 
     The order (and augmentation) of epoch e is drawn from a generator seeded with
     (seed, e), so any epoch can be replayed exactly, e.g. after a resume.
+    Each float batch on [0, 1] goes through `preprocess` (a fitted Preprocessor, data.preprocess)
+    after augmentation; without one, it is standardized with the per-channel `mean` and `std`.
     """
 
-    def __init__(self, split: Split, batch_size: int, mean: torch.Tensor, std: torch.Tensor,
-                 device: torch.device, shuffle: bool = False, augment=None, seed: int = 0,
-                 drop_last: bool = False):
+    def __init__(self, split: Split, batch_size: int, mean: torch.Tensor = None, std: torch.Tensor = None,
+                 device: torch.device = None, shuffle: bool = False, augment=None, seed: int = 0,
+                 drop_last: bool = False, preprocess: Preprocessor = None):
         self.images = split.images.to(device)
         self.labels = split.labels.to(device)
         self.batch_size, self.shuffle, self.augment, self.seed = batch_size, shuffle, augment, seed
         # drop a ragged last batch only when there is a full one (batch norm needs > 1 sample)
         self.drop_last = drop_last and len(self.labels) >= batch_size
-        shape = (1, -1, 1, 1)
-        self.mean = mean.to(device, torch.float32).view(shape)
-        self.std = std.to(device, torch.float32).view(shape)
+        if preprocess is None:
+            shape = (1, -1, 1, 1)
+            self.mean = mean.to(device, torch.float32).view(shape)
+            self.std = std.to(device, torch.float32).view(shape)
+            preprocess = Preprocessor.standardize(mean, std)
+        self.preprocess = preprocess.to(device)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -42,4 +48,4 @@ class InMemoryLoader:
             x = self.images[idx].float().div_(255)
             if self.augment:
                 x = self.augment(x, gen)
-            yield (x - self.mean) / self.std, self.labels[idx]
+            yield self.preprocess(x), self.labels[idx]

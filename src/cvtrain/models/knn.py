@@ -1,5 +1,5 @@
-"""k-nearest-neighbour classifier: "training" memorizes the (normalized) training images;
-prediction compares a query with every one of them.
+"""k-nearest-neighbour classifier: "training" memorizes the training images, preprocessed
+as data.preprocess says (as for every model); prediction compares a query with every one of them.
 
 Distances are computed in chunks of queries on the training device, so memory stays
 bounded (chunk_size x N_train distances at a time): L2 through
@@ -61,10 +61,11 @@ def _accuracy_by_k(knn: KNNClassifier, x, y, ks) -> dict:
     return {k: (knn.vote(labels, k) == y).float().mean().item() for k in ks if k <= labels.shape[1]}
 
 
-def _normalized(split, mean, std, device):
-    shape = (1, -1, 1, 1)
-    x = split.images.to(device).float().div_(255)
-    return (x - mean.to(device).view(shape)) / std.to(device).view(shape), split.labels.to(device)
+def _preprocessed(split, preprocess, device, chunk: int = 10_000):
+    """(images through the fitted data.preprocess, labels), on `device`; converted in chunks."""
+    preprocess = preprocess.to(device)
+    x = torch.cat([preprocess(part.to(device).float().div_(255)) for part in split.images.split(chunk)])
+    return x, split.labels.to(device)
 
 
 def run_knn(cfg, run_dir: Path, device: torch.device, logger_factory) -> dict:
@@ -80,9 +81,9 @@ def run_knn(cfg, run_dir: Path, device: torch.device, logger_factory) -> dict:
     if folds == 1 or folds < 0:
         raise UserError(f"model.cv_folds={folds}: use 0 (no cross-validation) or 2 and more")
     start = time.perf_counter()
-    data = load_data(cfg.data)
-    train_x, train_y = _normalized(data.train, data.mean, data.std, device)
-    val_x, val_y = _normalized(data.val, data.mean, data.std, device)
+    data = load_data(cfg.data, device)
+    train_x, train_y = _preprocessed(data.train, data.preprocess, device)
+    val_x, val_y = _preprocessed(data.val, data.preprocess, device)
     ks = sorted(set(K_GRID) | {knn.k})
     logger = logger_factory(data)
     log.info("knn (k=%d, %s): %d training images memorized, %d val queries, device %s",
@@ -118,7 +119,7 @@ def run_knn(cfg, run_dir: Path, device: torch.device, logger_factory) -> dict:
     if cfg.trainer.test:
         if data.test is None:
             raise UserError(f"data.source={cfg.data.source} has no test split; set trainer.test=false")
-        test_x, test_y = _normalized(data.test, data.mean, data.std, device)
+        test_x, test_y = _preprocessed(data.test, data.preprocess, device)
         summary["test_acc"] = (knn.predict(test_x) == test_y).float().mean().item()
     summary["train_time_s"] = round(time.perf_counter() - start, 3)
     summary["train_images_per_s"] = round(len(train_y) / max(fit_time, 1e-9), 1)
