@@ -1,15 +1,71 @@
-"""Batched data augmentation: tensor ops on a whole float batch (B, C, H, W) on its device.
+"""Batched data augmentation (`aug=`): tensor ops on a whole float batch (B, C, H, W) on its device.
 
-Random draws come from the loader's seeded generator, so an epoch's augmentation
-is the same whenever it is replayed (reproducible runs, exact resume).
+Every dataset cvtrain reads lives in memory, so a batch is augmented at once on the
+training device, with no per-sample PIL work. Per-sample random numbers are drawn on
+the CPU from a seeded torch.Generator (the loader's, seeded with (trainer.seed, epoch))
+and moved to the device, so an epoch's augmentation is the same whenever it is
+replayed (reproducible runs, exact resume). A future streamed dataset (decoded image
+by image) would use torchvision.transforms.v2 instead, with the same aug fields.
+
+BatchAugment runs on pixels in [0, 1] before preprocessing, in this order:
+
+    crop_padding                zero-pad and cut a random window (exact integer shifts)
+    resized_crop, rotation_degrees, translate, shear_degrees, stretch
+                                one affine warp: per-sample matrices, one F.affine_grid +
+                                F.grid_sample (bilinear, zeros outside the image)
+    hflip, vflip                exact mirrors, each with probability 1/2
+    brightness, contrast, saturation, hue
+                                color jitter, per sample, in that order (as torchvision's
+                                ColorJitter with factors in [1 - a, 1 + a], hue as a rotation
+                                of the chroma plane in YIQ space by up to hue * 360 degrees)
+    grayscale_p                 luma (ITU-R 601) in all three channels
+    pca_color_std               AlexNet's "fancy PCA" lighting noise (see pca_color)
+    erasing_p                   random erasing / cutout: a rectangle of the batch's mean color
+
+Saturation, hue, grayscale and PCA color need RGB and are skipped on 1-channel images;
+brightness and contrast apply to any image. Every op clamps to [0, 1].
+
+BatchMix (mixup_alpha, cutmix_alpha) changes the targets too, so it runs in the training
+loop on the model's input batch: it returns (x, y_a, y_b, lam) and the loss is
+lam * loss(out, y_a) + (1 - lam) * loss(out, y_b), which works with every loss.
+soft_targets() gives the same as a label distribution.
 """
+import logging
+import math
+import random
+
 import torch
 import torch.nn.functional as F
 
+from cvtrain import UserError
+
+log = logging.getLogger("cvtrain")
+
+# RGB -> luma (ITU-R 601, as torchvision's rgb_to_grayscale) and RGB -> YIQ
+LUMA = (0.299, 0.587, 0.114)
+_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+MIX_SEED_OFFSET = 1 << 40  # mix generators never share a seed with the loader's (seed * 100_003 + epoch)
+
+
+def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
+    return low + (high - low) * torch.rand(n, generator=gen)
+
+
+def _per_sample(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B,) CPU values -> (B, 1, 1, 1) on x's device and dtype."""
+    return values.to(x.device, x.dtype).view(-1, 1, 1, 1)
+
+
+# --- geometry --------------------------------------------------------------------------
 
 def random_hflip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     flip = (torch.rand(len(x), generator=gen) < 0.5).to(x.device)
     return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def random_vflip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    flip = (torch.rand(len(x), generator=gen) < 0.5).to(x.device)
+    return torch.where(flip[:, None, None, None], x.flip(2), x)
 
 
 def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tensor:
@@ -24,19 +80,300 @@ def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Te
     return padded[batch, chan, rows, cols]
 
 
-class BatchAugment:
-    """The `aug` config group as a callable on float batches in [0, 1]."""
+def random_affine(x: torch.Tensor, gen: torch.Generator, degrees: float = 0.0, translate: float = 0.0,
+                  shear: float = 0.0, stretch=(1.0, 1.0), crop_scale=None, crop_ratio=(3 / 4, 4 / 3)):
+    """One bilinear warp per image, all in one F.affine_grid + F.grid_sample call.
+
+    With `crop_scale` (min, max area fraction), a random resized crop comes first: a window
+    of that area and aspect ratio in `crop_ratio` (log-uniform), inside the image (its sides
+    clamped to the image's), scaled to the full size. The crop is then rotated by up to
+    +-`degrees`, sheared parallel to x by up to +-`shear` degrees, stretched by independent
+    factors in `stretch` along x and y, and shifted by up to +-`translate` of the size.
+    Everything is about the image center, in pixel units (no skew on non-square images);
+    outside the image is 0.
+    """
+    b, _, h, w = x.shape
+    angle = torch.deg2rad(_uniform(b, -degrees, degrees, gen))
+    shear_t = torch.tan(torch.deg2rad(_uniform(b, -shear, shear, gen)))
+    sx, sy = _uniform(b, *stretch, gen), _uniform(b, *stretch, gen)
+    tx, ty = _uniform(b, -translate, translate, gen) * w, _uniform(b, -translate, translate, gen) * h
+    # forward map of centered pixel coordinates: translate @ rotate @ shear @ stretch
+    cos, sin = angle.cos(), angle.sin()
+    fwd = torch.zeros(b, 3, 3)
+    fwd[:, 0, 0], fwd[:, 0, 1], fwd[:, 0, 2] = cos * sx, (cos * shear_t - sin) * sy, tx
+    fwd[:, 1, 0], fwd[:, 1, 1], fwd[:, 1, 2] = sin * sx, (sin * shear_t + cos) * sy, ty
+    fwd[:, 2, 2] = 1
+    to_norm = torch.diag(torch.tensor([2 / w, 2 / h, 1.0]))  # centered pixels -> grid_sample's [-1, 1]
+    theta = to_norm @ torch.linalg.inv(fwd) @ torch.linalg.inv(to_norm)  # output -> input coordinates
+    if crop_scale is not None:
+        area = _uniform(b, *crop_scale, gen)
+        ratio = _uniform(b, math.log(crop_ratio[0]), math.log(crop_ratio[1]), gen).exp()
+        fw = (area * ratio * h / w).sqrt().clamp(max=1.0)  # window sides as fractions of the image's
+        fh = (area / ratio * w / h).sqrt().clamp(max=1.0)
+        cx, cy = (2 * torch.rand(b, generator=gen) - 1) * (1 - fw), (2 * torch.rand(b, generator=gen) - 1) * (1 - fh)
+        crop = torch.zeros(b, 3, 3)
+        crop[:, 0, 0], crop[:, 0, 2], crop[:, 1, 1], crop[:, 1, 2], crop[:, 2, 2] = fw, cx, fh, cy, 1
+        theta = crop @ theta
+    grid = F.affine_grid(theta[:, :2].to(x.device, x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def random_resized_crop(x: torch.Tensor, gen: torch.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """A random window of `scale` of the area and aspect ratio in `ratio`, resized to the full size."""
+    return random_affine(x, gen, crop_scale=scale, crop_ratio=ratio)
+
+
+# --- color -----------------------------------------------------------------------------
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) luma of RGB images; the image itself when it has one channel."""
+    if x.shape[1] != 3:
+        return x.mean(1, keepdim=True)
+    r, g, b = x.unbind(1)
+    return (LUMA[0] * r + LUMA[1] * g + LUMA[2] * b).unsqueeze(1)
+
+
+def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (factor * x + (1 - factor) * other).clamp(0, 1)
+
+
+def color_jitter(x: torch.Tensor, gen: torch.Generator, brightness: float = 0.0, contrast: float = 0.0,
+                 saturation: float = 0.0, hue: float = 0.0) -> torch.Tensor:
+    """Per-sample brightness, contrast, saturation (factors in [max(0, 1 - a), 1 + a]) and hue
+    (a shift in [-hue, hue] of a full turn, hue <= 0.5), in that order, as torchvision's ColorJitter
+    with a fixed order. Brightness scales the pixels, contrast blends with the image's mean luma,
+    saturation with its luma, hue rotates the I/Q chroma plane of YIQ (close to an HSV hue shift).
+    Saturation and hue need RGB and leave other images alone."""
+    b = len(x)
+
+    def factors(amount):
+        return _per_sample(_uniform(b, max(0.0, 1 - amount), 1 + amount, gen), x)
+
+    rgb = x.shape[1] == 3
+    if brightness > 0:
+        x = (x * factors(brightness)).clamp(0, 1)
+    if contrast > 0:
+        x = _blend(x, _gray(x).mean((1, 2, 3), keepdim=True), factors(contrast))
+    if saturation > 0 and rgb:
+        x = _blend(x, _gray(x), factors(saturation))
+    if hue > 0 and rgb:
+        angle = 2 * math.pi * _uniform(b, -hue, hue, gen)
+        rot = torch.zeros(b, 3, 3)
+        rot[:, 0, 0], rot[:, 1, 1], rot[:, 2, 2] = 1, angle.cos(), angle.cos()
+        rot[:, 1, 2], rot[:, 2, 1] = -angle.sin(), angle.sin()
+        matrix = (torch.linalg.inv(_YIQ) @ rot @ _YIQ).to(x.device, x.dtype)  # B, 3, 3
+        x = torch.einsum("bij,bjhw->bihw", matrix, x).clamp(0, 1)
+    return x
+
+
+def random_grayscale(x: torch.Tensor, gen: torch.Generator, p: float) -> torch.Tensor:
+    """Each RGB image becomes its luma (in all three channels) with probability p."""
+    chosen = _per_sample(torch.rand(len(x), generator=gen) < p, x).bool()
+    if x.shape[1] != 3:
+        return x
+    return torch.where(chosen, _gray(x).expand_as(x), x)
+
+
+def rgb_pca(images: torch.Tensor, chunk: int = 10_000):
+    """(eigenvalues (3,), eigenvectors (3, 3) as columns) of the covariance of RGB pixel values
+    on [0, 1], over all pixels of `images` (N, 3, H, W): uint8 (a whole split, in chunks, on CPU)
+    or float on [0, 1] (a batch, on its device). Accumulated in float64."""
+    total = torch.zeros(3, dtype=torch.float64, device=images.device)
+    outer = torch.zeros(3, 3, dtype=torch.float64, device=images.device)
+    for i in range(0, len(images), chunk):
+        part = images[i:i + chunk].double()
+        if images.dtype == torch.uint8:
+            part = part / 255
+        pixels = part.transpose(0, 1).reshape(3, -1)
+        total += pixels.sum(1)
+        outer += pixels @ pixels.T
+    n = images.numel() / 3
+    mean = total / n
+    cov = outer / n - torch.outer(mean, mean)
+    eigval, eigvec = torch.linalg.eigh(cov)
+    return eigval.clamp_min(0).float(), eigvec.float()
+
+
+def pca_color(x: torch.Tensor, gen: torch.Generator, std: float, eig=None) -> torch.Tensor:
+    """AlexNet's "fancy PCA" (Krizhevsky et al. 2012, sec. 4.1): add sum_k alpha_k lambda_k p_k to
+    every pixel of an image, alpha_k ~ N(0, std) drawn per image, (lambda_k, p_k) the eigenvalues
+    and eigenvectors of the RGB covariance (pixels on [0, 1], as fb.resnet.torch's Lighting).
+
+    `eig` = rgb_pca(training images) gives the paper's training-set statistics; without it they
+    come from the batch itself (B*H*W pixels: a stable 3x3 estimate, with no state to carry
+    across batches, so a resumed run replays exactly). 1-channel images are left alone."""
+    alpha = torch.randn(len(x), 3, generator=gen) * std
+    if x.shape[1] != 3:
+        return x
+    eigval, eigvec = eig if eig is not None else rgb_pca(x)
+    shift = (alpha.to(x.device) * eigval.to(x.device)) @ eigvec.to(x.device).T  # B, 3
+    return (x + shift.to(x.dtype)[:, :, None, None]).clamp(0, 1)
+
+
+# --- erasing ---------------------------------------------------------------------------
+
+def random_erasing(x: torch.Tensor, gen: torch.Generator, p: float = 0.5, scale=(0.02, 0.33),
+                   ratio=(0.3, 3.3), value=None) -> torch.Tensor:
+    """Random erasing (Zhong et al. 2020) / cutout (DeVries & Taylor 2017): with probability p,
+    a rectangle of `scale` of the image area and aspect ratio (h/w) in `ratio` (log-uniform),
+    sides clamped to the image, at a uniform position, is filled with `value` (default: the
+    batch's per-channel mean color, which preprocessing maps to about 0, as cutout does)."""
+    b, c, h, w = x.shape
+    chosen = torch.rand(b, generator=gen) < p
+    area = _uniform(b, *scale, gen) * h * w
+    aspect = _uniform(b, math.log(ratio[0]), math.log(ratio[1]), gen).exp()
+    eh = (area * aspect).sqrt().round().clamp(1, h)
+    ew = (area / aspect).sqrt().round().clamp(1, w)
+    top = (torch.rand(b, generator=gen) * (h - eh + 1)).floor()
+    left = (torch.rand(b, generator=gen) * (w - ew + 1)).floor()
+    box = torch.stack([top, top + eh, left, left + ew, chosen.float()], 1).to(x.device)  # one transfer
+    rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    in_rows = (rows >= box[:, 0:1]) & (rows < box[:, 1:2])  # B, H
+    in_cols = (cols >= box[:, 2:3]) & (cols < box[:, 3:4])  # B, W
+    mask = (in_rows[:, None, :, None] & in_cols[:, None, None, :]) & (box[:, 4] > 0)[:, None, None, None]
+    fill = x.mean((0, 2, 3), keepdim=True) if value is None else torch.as_tensor(value, dtype=x.dtype,
+                                                                                 device=x.device)
+    return torch.where(mask, fill, x)
+
+
+# --- mixup / cutmix ----------------------------------------------------------------------
+
+def _beta(alpha: float, gen: torch.Generator) -> float:
+    """A Beta(alpha, alpha) draw, seeded from `gen` (torch's Beta sampler takes no generator)."""
+    return random.Random(int(torch.randint(0, 2**62, (1,), generator=gen))).betavariate(alpha, alpha)
+
+
+def mixup(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, alpha: float):
+    """Mixup (Zhang et al. 2018): x_i <- lam x_i + (1 - lam) x_perm(i), lam ~ Beta(alpha, alpha)
+    for the batch, perm a random permutation. Returns (x, y, y[perm], lam)."""
+    lam = _beta(alpha, gen)
+    perm = torch.randperm(len(x), generator=gen).to(x.device)
+    return lam * x + (1 - lam) * x[perm], y, y[perm], lam
+
+
+def cutmix(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, alpha: float):
+    """CutMix (Yun et al. 2019): one box per batch, of area (1 - lam) with lam ~ Beta(alpha, alpha),
+    centered uniformly and clipped to the image, is pasted from x[perm] into x. lam becomes the
+    fraction of each image left unpasted. Returns (x, y, y[perm], lam)."""
+    b, _, h, w = x.shape
+    lam = _beta(alpha, gen)
+    perm = torch.randperm(b, generator=gen).to(x.device)
+    cut_h, cut_w = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+    cy, cx = int(torch.randint(0, h, (1,), generator=gen)), int(torch.randint(0, w, (1,), generator=gen))
+    y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
+    x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
+    x = x.clone()
+    x[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
+    return x, y, y[perm], 1 - (y1 - y0) * (x1 - x0) / (h * w)
+
+
+def soft_targets(y_a: torch.Tensor, y_b: torch.Tensor, lam: float, num_classes: int) -> torch.Tensor:
+    """The mixed labels as a distribution: lam * onehot(y_a) + (1 - lam) * onehot(y_b); rows sum to 1."""
+    return lam * F.one_hot(y_a, num_classes).float() + (1 - lam) * F.one_hot(y_b, num_classes).float()
+
+
+def mix_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of the mixing from training step `step` on (a resumed run replays it)."""
+    return torch.Generator().manual_seed(MIX_SEED_OFFSET + seed * 100_003 + step)
+
+
+class BatchMix:
+    """aug.mixup_alpha / aug.cutmix_alpha (0 = off) as a callable (x, y, gen) -> (x, y_a, y_b, lam).
+
+    y_a is y itself (each image keeps its own label as the main one, so training accuracy counts
+    against y), y_b the labels of the images mixed in. With both alphas set, each batch is
+    mixed by one of the two, chosen with probability 1/2 (as timm's Mixup)."""
 
     def __init__(self, aug_cfg):
-        self.hflip = aug_cfg.hflip
-        self.crop_padding = aug_cfg.crop_padding
+        _check(aug_cfg)
+        self.mixup_alpha, self.cutmix_alpha = float(aug_cfg.mixup_alpha), float(aug_cfg.cutmix_alpha)
 
     def __bool__(self) -> bool:
-        return self.hflip or self.crop_padding > 0
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
+        use_cutmix = self.cutmix_alpha > 0
+        if self.mixup_alpha > 0 and self.cutmix_alpha > 0:
+            use_cutmix = bool(torch.rand(1, generator=gen) < 0.5)
+        if use_cutmix:
+            return cutmix(x, y, gen, self.cutmix_alpha)
+        if self.mixup_alpha > 0:
+            return mixup(x, y, gen, self.mixup_alpha)
+        return x, y, y, 1.0
+
+
+# --- the aug group ---------------------------------------------------------------------------
+
+def _check(aug_cfg) -> None:
+    """Raise UserError on values no op can use, naming the key."""
+    def value(key):
+        return getattr(aug_cfg, key)
+
+    def bad(key, why):
+        raise UserError(f"aug.{key}={value(key)} {why}")
+
+    if aug_cfg.crop_padding < 0:
+        bad("crop_padding", "must be >= 0")
+    for key in ("brightness", "contrast", "saturation", "rotation_degrees", "shear_degrees", "pca_color_std",
+                "mixup_alpha", "cutmix_alpha"):
+        if value(key) < 0:
+            bad(key, "must be >= 0 (0 turns it off)")
+    if not 0 <= aug_cfg.hue <= 0.5:
+        bad("hue", "must be in [0, 0.5] (a fraction of a full turn of hue)")
+    if not 0 <= aug_cfg.translate < 1:
+        bad("translate", "must be in [0, 1) (a fraction of the image size)")
+    for key in ("grayscale_p", "erasing_p"):
+        if not 0 <= value(key) <= 1:
+            bad(key, "must be a probability in [0, 1]")
+    ranges = {"resized_crop_scale": (0, 1), "resized_crop_ratio": (0, None), "stretch": (0, None),
+              "erasing_scale": (0, 1), "erasing_ratio": (0, None)}
+    for key, (low, high) in ranges.items():
+        pair = list(value(key))
+        if len(pair) != 2 or not low < pair[0] <= pair[1] or (high is not None and pair[1] > high):
+            bad(key, f"must be [min, max] with {low} < min <= max" + (f" <= {high}" if high else ""))
+
+
+class BatchAugment:
+    """The `aug` config group's per-image ops as a callable on float batches in [0, 1] (see the
+    module docstring for the order). Falsy when it would change nothing (the loader skips it);
+    mixup/cutmix are BatchMix's. `pca`: (eigenvalues, eigenvectors) from rgb_pca(training images)
+    for pca_color_std; without it, each batch's own RGB covariance is used."""
+
+    def __init__(self, aug_cfg, pca=None):
+        _check(aug_cfg)
+        self.cfg, self.pca = aug_cfg, pca
+        self.affine = aug_cfg.resized_crop or aug_cfg.rotation_degrees > 0 or aug_cfg.translate > 0 or \
+            aug_cfg.shear_degrees > 0 or list(aug_cfg.stretch) != [1, 1]
+        self.jitter = any(getattr(aug_cfg, k) > 0 for k in ("brightness", "contrast", "saturation", "hue"))
+        self._warned = False
+
+    def __bool__(self) -> bool:
+        c = self.cfg
+        return bool(c.hflip or c.vflip or c.crop_padding > 0 or self.affine or self.jitter or c.grayscale_p > 0
+                    or c.pca_color_std > 0 or c.erasing_p > 0)
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        if self.crop_padding > 0:
-            x = random_crop(x, self.crop_padding, gen)
-        if self.hflip:
+        c = self.cfg
+        if c.crop_padding > 0:
+            x = random_crop(x, c.crop_padding, gen)
+        if self.affine:
+            x = random_affine(x, gen, c.rotation_degrees, c.translate, c.shear_degrees, tuple(c.stretch),
+                              tuple(c.resized_crop_scale) if c.resized_crop else None, tuple(c.resized_crop_ratio))
+        if c.hflip:
             x = random_hflip(x, gen)
+        if c.vflip:
+            x = random_vflip(x, gen)
+        if x.shape[1] != 3 and not self._warned and (
+                c.saturation > 0 or c.hue > 0 or c.grayscale_p > 0 or c.pca_color_std > 0):
+            log.warning("aug: saturation, hue, grayscale_p and pca_color_std need RGB images; "
+                        "skipped on these %d-channel images", x.shape[1])
+            self._warned = True
+        if self.jitter:
+            x = color_jitter(x, gen, c.brightness, c.contrast, c.saturation, c.hue)
+        if c.grayscale_p > 0:
+            x = random_grayscale(x, gen, c.grayscale_p)
+        if c.pca_color_std > 0:
+            x = pca_color(x, gen, c.pca_color_std, self.pca)
+        if c.erasing_p > 0:
+            x = random_erasing(x, gen, c.erasing_p, tuple(c.erasing_scale), tuple(c.erasing_ratio))
         return x
