@@ -8,3 +8,10 @@ class UserError(Exception):
 
     The command line prints it without a traceback and exits with status 2.
     """
+
+
+class TrainingDiverged(Exception):
+    """The loss became non-finite or exploded: the run stops, keeping its last good checkpoint.
+
+    The command line exits with status 3 (in a sweep the trial is recorded as diverged).
+    """

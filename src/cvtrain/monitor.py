@@ -2,15 +2,22 @@
 update/weight ratios that tell whether the learning rate is sane.
 
 Tags are namespaced: train/loss, train/acc, val/loss, val/acc, opt/lr,
-update_ratio/<param>, grad_norm/<param>, summary/<metric>.
+update_ratio/<param>, grad_norm/<param>, act/<layer>/<stat>, weights/<param>,
+grads/<param> (histograms), summary/<metric>.
 """
 import json
+import logging
 import math
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+from cvtrain import TrainingDiverged
+
+log = logging.getLogger("cvtrain")
 
 # the final figures shown beside the hyperparameters in TensorBoard's HPARAMS tab
 SUMMARY_METRICS = ["best_val_acc", "final_val_acc", "test_acc", "train_time_s", "train_images_per_s"]
@@ -50,9 +57,144 @@ class UpdateRatioMonitor:
         return values
 
 
+class ActivationMonitor:
+    """Statistics of every nonlinearity's output on the measured steps (forward hooks attached
+    for that one forward pass only): mean, std, and
+      dead_fraction      ReLU family: units never positive over the batch (a unit is a channel
+                         of a conv layer, a feature of a linear layer);
+      saturated_fraction sigmoid/tanh: outputs within 0.01 of the asymptotes.
+    A module called several times in one forward (a shared ReLU) reports its last call."""
+
+    RELU_FAMILY = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.ReLU6)
+    SQUASHING = (nn.Sigmoid, nn.Tanh)
+
+    def __init__(self, model: nn.Module):
+        self.layers = [(n, m) for n, m in model.named_modules() if isinstance(m, self.RELU_FAMILY + self.SQUASHING)]
+        self._handles, self._stats = [], {}
+
+    def attach(self) -> None:
+        self._stats = {}
+        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in self.layers]
+
+    def _hook(self, name):
+        @torch.no_grad()
+        def hook(module, inputs, out):
+            out = out.detach().float()
+            stats = {"mean": out.mean(), "std": out.std()}
+            if isinstance(module, self.RELU_FAMILY):
+                units = out.transpose(0, 1).flatten(1) if out.dim() > 1 else out[None]  # unit x (batch, positions)
+                stats["dead_fraction"] = 1 - (units > 0).any(1).float().mean()
+            else:
+                low, high = (0.01, 0.99) if isinstance(module, nn.Sigmoid) else (-0.99, 0.99)
+                stats["saturated_fraction"] = ((out < low) | (out > high)).float().mean()
+            self._stats[name] = stats
+        return hook
+
+    def collect(self) -> dict:
+        """Remove the hooks; {"act/<layer>/<stat>": value} of the forward pass since attach()."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        names = [(f"act/{layer}/{stat}", v) for layer, stats in self._stats.items() for stat, v in stats.items()]
+        if not names:
+            return {}
+        values = torch.stack([v for _, v in names]).tolist()  # one host sync
+        return {tag: value for (tag, _), value in zip(names, values)}
+
+
+class LearningRateWatch:
+    """Plain-words warning when the median update/weight ratio stays far from 1e-3 (more than
+    10x off, i.e. log10 above -2 or below -4) for `patience` measurements in a row."""
+
+    def __init__(self, patience: int = 5, low: float = -4.0, high: float = -2.0):
+        self.patience, self.low, self.high = patience, low, high
+        self.too_high = self.too_low = 0
+        self.warned = set()
+
+    def update(self, values: dict):
+        ratios = sorted(v for k, v in values.items() if k.startswith("update_ratio/") and "reference" not in k)
+        if not ratios:
+            return None
+        median = ratios[len(ratios) // 2]
+        self.too_high = self.too_high + 1 if median > self.high else 0
+        self.too_low = self.too_low + 1 if median < self.low else 0
+        for direction, count in (("high", self.too_high), ("low", self.too_low)):
+            if count >= self.patience and direction not in self.warned:
+                self.warned.add(direction)
+                return (f"learning rate likely too {direction}: the median update/weight ratio has been "
+                        f"1e{median:.1f} for {count} measurements in a row (healthy: about 1e-3); "
+                        f"{'lower' if direction == 'high' else 'raise'} optim.lr")
+        return None
+
+
+class LossGuard:
+    """Stops a diverging run: a non-finite loss, or a loss above `factor` x the first logged loss."""
+
+    def __init__(self, factor: float = 3.0):
+        self.factor, self.initial = factor, None
+
+    def check(self, losses: list, first_step: int) -> None:
+        for i, loss in enumerate(losses):
+            step = first_step + i
+            if not math.isfinite(loss):
+                raise TrainingDiverged(f"the loss became {loss} at step {step}; lower optim.lr "
+                                       "(or clip gradients) and try again")
+            if self.initial is None:
+                self.initial = loss
+            elif self.factor > 0 and loss > self.factor * self.initial:
+                raise TrainingDiverged(f"the loss exploded at step {step}: {loss:.4g} > {self.factor:g} x the "
+                                       f"initial {self.initial:.4g}; lower optim.lr and try again")
+
+
+class TrainingMonitor:
+    """Everything the loop measures, behind three calls per step:
+
+        monitor.before_forward(step); out = model(x); ...; loss.backward()
+        monitor.before_step(step); optimizer.step(); monitor.after_step(step)
+
+    Every `monitor_every` steps: update/weight ratios, gradient norms and activation
+    statistics (TensorBoard), and the learning-rate watch (a warning in the log);
+    every `histogram_every` steps: weight and gradient histograms. `check_losses`
+    stops a diverging run (LossGuard)."""
+
+    def __init__(self, model: nn.Module, trainer_cfg, logger: "RunLogger"):
+        self.model, self.logger = model, logger
+        self.every, self.histogram_every = trainer_cfg.monitor_every, trainer_cfg.histogram_every
+        self.ratios = UpdateRatioMonitor(model, self.every)
+        self.activations = ActivationMonitor(model)
+        self.lr_watch = LearningRateWatch()
+        self.loss_guard = LossGuard(trainer_cfg.explode_factor)
+
+    def _due(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def before_forward(self, step: int) -> None:
+        if self._due(step):
+            self.activations.attach()
+
+    def before_step(self, step: int) -> None:
+        """After backward(), before optimizer.step()."""
+        if self._due(step):
+            self.ratios.before_step()
+        if self.histogram_every > 0 and step % self.histogram_every == 0:
+            self.logger.histograms(self.model, step)
+
+    def after_step(self, step: int) -> None:
+        if not self._due(step):
+            return
+        values = {**self.ratios.after_step(), **self.activations.collect()}
+        self.logger.scalars(values, step)
+        warning = self.lr_watch.update(values)
+        if warning:
+            log.warning(warning)
+
+    def check_losses(self, losses: list, first_step: int) -> None:
+        self.loss_guard.check(losses, first_step)
+
+
 # settings that do not change what is learned: left out of the HPARAMS table
 _NOT_HPARAMS = {"trainer.progress", "trainer.log_every", "trainer.checkpoint", "trainer.resume",
-                "trainer.monitor_every", "data.cache_dir", "data.root", "data.download", "data.eval_batch_size"}
+                "trainer.monitor_every", "trainer.histogram_every", "trainer.explode_factor", "data.cache_dir", "data.root", "data.download", "data.eval_batch_size"}
 _SYNTHETIC_ONLY = {"data.channels", "data.num_classes", "data.num_samples", "data.num_test", "data.noise"}
 
 
@@ -102,6 +244,13 @@ class RunLogger:
     def series(self, tag: str, values: list, first_step: int) -> None:
         for i, value in enumerate(values):
             self.writer.add_scalar(tag, value, first_step + i)
+
+    @torch.no_grad()
+    def histograms(self, model: nn.Module, step: int) -> None:
+        for name, p in model.named_parameters():
+            self.writer.add_histogram(f"weights/{name}", p.detach().float().cpu(), step)
+            if p.grad is not None:
+                self.writer.add_histogram(f"grads/{name}", p.grad.detach().float().cpu(), step)
 
     def epoch_record(self, record: dict) -> None:
         self.metrics_file.write(json.dumps(record) + "\n")

@@ -11,13 +11,15 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from cvtrain import UserError
+from cvtrain import TrainingDiverged, UserError
 from cvtrain.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from cvtrain.data import BatchAugment, InMemoryLoader, load_data
+from cvtrain.data.augment import BatchMix, mix_generator
+from cvtrain.diagnostics import require_sanity
 from cvtrain.losses import Regularizer, build_loss
 from cvtrain.models import create_model, init_weights
 from cvtrain.models.knn import run_knn
-from cvtrain.monitor import RunLogger, UpdateRatioMonitor, run_hparams
+from cvtrain.monitor import RunLogger, TrainingMonitor, run_hparams
 from cvtrain.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("cvtrain")
@@ -57,16 +59,16 @@ def evaluate(model, loader, loss_fn) -> tuple[float, float]:
     return total_loss.item() / n, correct.item() / n
 
 
-def _flush_losses(logger, pending: dict, first: int) -> float:
-    """Write the per-step losses gathered since step `first` (one host sync); return the last loss."""
+def _flush_losses(logger, monitor, pending: dict, first: int) -> float:
+    """Write the per-step losses gathered since step `first` (one host sync); return the last loss.
+    Stops the run (TrainingDiverged) when the loss is non-finite or exploded."""
     for tag, values in pending.items():
         if values:
             values = torch.stack(values).tolist()
-            if not all(map(math.isfinite, values)):
-                raise UserError(f"{tag} became non-finite near step {first + len(values)}; lower optim.lr")
-            logger.series(tag, values, first)
             if tag == "train/loss":
+                monitor.check_losses(values, first)
                 last = values[-1]
+            logger.series(tag, values, first)
     return last
 
 
@@ -78,11 +80,18 @@ def train_one_epoch(model, loader, loss_fn, regularizer, optimizer, scheduler, m
     total_loss = torch.zeros((), device=loader.labels.device)
     correct = torch.zeros((), device=loader.labels.device, dtype=torch.long)
     seen = 0
+    mix, mix_gen = BatchMix(cfg.aug), mix_generator(cfg.trainer.seed, step)  # aug.mixup_alpha / aug.cutmix_alpha
     show_bar = cfg.trainer.progress and sys.stderr.isatty()
     with tqdm(total=len(loader), desc=desc, disable=not show_bar, leave=False, unit="batch") as bar:
         for i, (x, y) in enumerate(loader):
-            out = model(x)
-            data_loss = loss_fn(out, y)
+            monitor.before_forward(step)
+            if mix:  # y stays each image's own label (accuracy counts against it), y_b the mixed-in one's
+                x, y, y_b, lam = mix(x, y, mix_gen)
+                out = model(x)
+                data_loss = lam * loss_fn(out, y) + (1 - lam) * loss_fn(out, y_b)
+            else:
+                out = model(x)
+                data_loss = loss_fn(out, y)
             if regularizer:
                 reg_loss = regularizer()
                 loss = data_loss + reg_loss
@@ -92,14 +101,13 @@ def train_one_epoch(model, loader, loss_fn, regularizer, optimizer, scheduler, m
                 loss = data_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            measured = monitor.due(step)
-            if measured:
-                monitor.before_step()
+            regularizer.clip_grad_()  # reg.grad_clip: the global gradient norm, before the step
+            monitor.before_step(step)
             pending_lr.append(optimizer.param_groups[0]["lr"])
             optimizer.step()
-            scheduler.step()
-            if measured:
-                logger.scalars(monitor.after_step(), step)
+            regularizer.project_()  # reg.max_norm: each unit's incoming weights back into the ball
+            scheduler.step_batch()
+            monitor.after_step(step)
 
             pending["train/loss"].append(loss.detach())
             total_loss += loss.detach() * len(y)
@@ -108,7 +116,7 @@ def train_one_epoch(model, loader, loss_fn, regularizer, optimizer, scheduler, m
             step += 1
             bar.update()
             if len(pending_lr) >= cfg.trainer.log_every or i == len(loader) - 1:
-                last_loss = _flush_losses(logger, pending, first)
+                last_loss = _flush_losses(logger, monitor, pending, first)
                 logger.series("opt/lr", pending_lr, first)
                 bar.set_postfix(loss=f"{last_loss:.4f}")
                 pending = {tag: [] for tag in pending}
@@ -117,7 +125,8 @@ def train_one_epoch(model, loader, loss_fn, regularizer, optimizer, scheduler, m
 
 
 def train(cfg, run_dir: Path, choices: dict | None = None) -> dict:
-    """Train cfg.model on cfg.data; write checkpoints, TensorBoard and metrics into run_dir."""
+    """Train cfg.model on cfg.data; write checkpoints, TensorBoard and metrics into run_dir, and at the
+    end (trainer.viz) the visualizations of the best checkpoint (see _visualize)."""
     run_dir = Path(run_dir)
     device = resolve_device(cfg.trainer.device)
     resume = load_checkpoint(cfg.trainer.resume) if cfg.trainer.resume else None
@@ -131,14 +140,17 @@ def train(cfg, run_dir: Path, choices: dict | None = None) -> dict:
 
     if cfg.trainer.epochs < 1:
         raise UserError(f"trainer.epochs={cfg.trainer.epochs}: train for at least 1 epoch")
-    data = load_data(cfg.data)
+    data = load_data(cfg.data, device)  # data.preprocess is fitted on the training split (whitening on device)
+    if cfg.trainer.sanity:
+        require_sanity(cfg, data, device)  # initial loss, regularization, overfit a tiny subset
     model = build_model(cfg, data.shape, data.num_classes).to(device)
     loss_fn = build_loss(cfg.loss)
     regularizer = Regularizer(cfg.reg, model)
     optimizer = build_optimizer(cfg.optim, model)
-    train_loader = InMemoryLoader(data.train, cfg.data.batch_size, data.mean, data.std, device, shuffle=True,
+    train_loader = InMemoryLoader(data.train, cfg.data.batch_size, device=device, shuffle=True,
+                                  preprocess=data.preprocess,  # applied after augmentation
                                   augment=BatchAugment(cfg.aug), seed=cfg.trainer.seed, drop_last=True)
-    val_loader = InMemoryLoader(data.val, cfg.data.eval_batch_size, data.mean, data.std, device)
+    val_loader = InMemoryLoader(data.val, cfg.data.eval_batch_size, device=device, preprocess=data.preprocess)
     scheduler = build_scheduler(cfg.sched, optimizer, cfg.trainer.epochs, len(train_loader))
     start_epoch, step, best_val_acc, best_epoch, val_acc = 0, 0, -1.0, 0, float("nan")
     if resume:
@@ -150,8 +162,9 @@ def train(cfg, run_dir: Path, choices: dict | None = None) -> dict:
 
     params = sum(p.numel() for p in model.parameters())
     logger = RunLogger(run_dir, run_hparams(plain_cfg, choices or {}))
-    monitor = UpdateRatioMonitor(model, cfg.trainer.monitor_every)
-    data_meta = {"mean": data.mean, "std": data.std, "classes": list(data.classes), "shape": list(data.shape)}
+    monitor = TrainingMonitor(model, cfg.trainer, logger)
+    data_meta = {"mean": data.mean, "std": data.std, "preprocess": data.preprocess.state_dict(),
+                 "classes": list(data.classes), "shape": list(data.shape)}
     log.info("%s: %d parameters | data %s %s, %d train / %d val images | device %s | run dir %s",
              cfg.model.name, params, cfg.data.source, data.shape, len(data.train), len(data.val), device, run_dir)
 
@@ -159,13 +172,21 @@ def train(cfg, run_dir: Path, choices: dict | None = None) -> dict:
     for epoch in range(start_epoch, cfg.trainer.epochs):
         train_loader.set_epoch(epoch)
         t0 = time.perf_counter()
-        train_loss, train_acc, step = train_one_epoch(
-            model, train_loader, loss_fn, regularizer, optimizer, scheduler, monitor, logger, step, cfg,
-            desc=f"epoch {epoch + 1}/{cfg.trainer.epochs}")
+        try:
+            train_loss, train_acc, step = train_one_epoch(
+                model, train_loader, loss_fn, regularizer, optimizer, scheduler, monitor, logger, step, cfg,
+                desc=f"epoch {epoch + 1}/{cfg.trainer.epochs}")
+        except TrainingDiverged as err:  # keep what the run has: its last good checkpoint, a summary
+            (run_dir / "summary.json").write_text(json.dumps(
+                {"status": "diverged", "reason": str(err), "epochs_completed": epoch,
+                 "best_val_acc": best_val_acc if best_epoch else None, "params": params}, indent=2) + "\n")
+            logger.close()
+            raise
         epoch_time = time.perf_counter() - t0
         train_time += epoch_time
         train_images += len(train_loader) * cfg.data.batch_size if train_loader.drop_last else len(data.train)
         val_loss, val_acc = evaluate(model, val_loader, loss_fn)
+        scheduler.step_epoch(val_loss, val_acc)  # epoch-interval schedules and sched=plateau act here
 
         record = {"epoch": epoch + 1, "step": step, "train_loss": train_loss, "train_acc": train_acc,
                   "val_loss": val_loss, "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"],
@@ -188,12 +209,14 @@ def train(cfg, run_dir: Path, choices: dict | None = None) -> dict:
             if improved:
                 save_checkpoint(run_dir / "checkpoints" / "best.pt", state)
 
-    summary = {"best_val_acc": best_val_acc, "best_epoch": best_epoch, "final_val_acc": val_acc,
+    summary = {"status": "completed", "best_val_acc": best_val_acc, "best_epoch": best_epoch, "final_val_acc": val_acc,
                "epochs": cfg.trainer.epochs, "train_time_s": round(time.perf_counter() - start, 3),
                "train_images_per_s": round(train_images / max(train_time, 1e-9), 1), "params": params,
                "device": str(device)}
     if cfg.trainer.test:
         summary["test_acc"] = _test_best(cfg, run_dir, model, data, loss_fn, device)
+    if cfg.trainer.viz:
+        _visualize(cfg, run_dir, model, data, val_loader, logger.writer, step, device)
     logger.summary(summary, step)
     logger.close()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -218,15 +241,16 @@ def _restore(state, cfg, model, optimizer, scheduler) -> None:
                         f"(trained on images {state['data']['shape']}): {str(err).splitlines()[-1].strip()}") from None
     # the optimizer's state (momentum, Adam moments) comes back; its settings (lr, betas, ...) are this run's
     settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as err:  # e.g. another optim.decay_norm_and_bias: other parameter groups
+        raise UserError(f"trainer.resume: the checkpoint's optimizer state does not fit this optimizer ({err}); "
+                        "resume with the same optim settings") from None
     for group, own in zip(optimizer.param_groups, settings):
         group.update(own)
-    # keep this run's schedule shape (a longer trainer.epochs stretches it), continue at the saved step
-    scheduler.load_state_dict({**state["scheduler"], "base_lrs": scheduler.base_lrs,
-                               "lr_lambdas": [None] * len(scheduler.lr_lambdas)})
-    for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-        group["lr"] = base_lr * factor(scheduler.last_epoch)
-    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    # continue at the saved step and epoch (and plateau state), on this run's schedule shape:
+    # its optim.lr, and a longer trainer.epochs stretches it
+    scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
 
 
@@ -238,13 +262,31 @@ def _carry_best_checkpoint(resume_path: Path, run_dir: Path) -> None:
         shutil.copy2(best, run_dir / "checkpoints" / "best.pt")
 
 
+def _visualize(cfg, run_dir, model, data, val_loader, writer, step, device) -> None:
+    """trainer.viz: filters or templates, confusion matrix, misclassified images and the projector
+    (src/cvtrain/viz.py) to TensorBoard and <run dir>/viz/, drawn from the best checkpoint's weights
+    (checkpoints/best.pt, loaded into `model`), or the final model's without trainer.checkpoint.
+    A failure here is logged, not raised: the training run itself is complete."""
+    try:
+        from cvtrain.viz import write_visualizations  # imports matplotlib: only when used
+
+        best = run_dir / "checkpoints" / "best.pt"
+        if cfg.trainer.checkpoint and best.exists():
+            model.load_state_dict(load_checkpoint(best, map_location=device)["model"])
+        files = write_visualizations(model, val_loader, data, writer, run_dir, step)
+        log.info("visualizations (%s model): %s in %s", "best" if best.exists() else "final",
+                 ", ".join(files), run_dir / "viz")
+    except Exception as err:  # noqa: BLE001
+        log.warning("visualizations failed (trainer.viz=false skips them): %s", err, exc_info=True)
+
+
 def _test_best(cfg, run_dir, model, data, loss_fn, device) -> float:
     if data.test is None:
         raise UserError(f"data.source={cfg.data.source} has no test split; set trainer.test=false")
     best = run_dir / "checkpoints" / "best.pt"
     if cfg.trainer.checkpoint and best.exists():
         model.load_state_dict(load_checkpoint(best, map_location=device)["model"])
-    loader = InMemoryLoader(data.test, cfg.data.eval_batch_size, data.mean, data.std, device)
+    loader = InMemoryLoader(data.test, cfg.data.eval_batch_size, device=device, preprocess=data.preprocess)
     test_loss, test_acc = evaluate(model, loader, loss_fn)
     log.info("test (best checkpoint): loss %.4f acc %.2f%% on %d images", test_loss, 100 * test_acc, len(data.test))
     return test_acc
