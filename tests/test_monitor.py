@@ -88,14 +88,28 @@ def test_learning_rate_watch_warns_once_after_patience():
     assert healthy.update({"update_ratio/a": -3.1}) is None
 
 
-def test_loss_guard_stops_on_non_finite_and_explosion():
-    guard = LossGuard(factor=3.0)
-    guard.check([2.3, 2.0, 6.8], first_step=0)  # 6.8 < 3 x 2.3
-    with pytest.raises(TrainingDiverged, match="exploded at step 4"):
-        guard.check([6.0, 7.5], first_step=3)
+def test_loss_guard_stops_on_non_finite_and_sustained_explosion_not_on_a_spike():
+    guard = LossGuard(factor=3.0, window=4)
+    guard.check([2.0, 5.0, 5.0], first_step=0)  # initial = the first loss, 2.0; the window is not full yet
+    guard.check([2.0, 2.0, 2.0, 2.0], first_step=3)
+    guard.check([14.0, 2.0, 2.0, 2.0, 2.0], first_step=7)  # a one-batch spike: window mean 5 < 3 x 2
+    with pytest.raises(TrainingDiverged, match="exploded at step 14"):
+        guard.check([9.0, 9.0, 9.0], first_step=12)  # window means 3.75, 5.5, then 7.25 > 6
+    guard = LossGuard(factor=3.0, window=2)
+    guard.check([1.0, 1.0, 5.0], first_step=0)  # window mean 3.0 = 3 x 1: not above
+    with pytest.raises(TrainingDiverged, match="exploded at step 3: its mean over the last 2 steps is 5.5"):
+        guard.check([6.0], first_step=3)
     with pytest.raises(TrainingDiverged, match="nan"):
-        LossGuard().check([1.0, float("nan")], first_step=0)
-    LossGuard(factor=0).check([1.0, 100.0], first_step=0)  # factor 0: only non-finite stops
+        LossGuard().check([1.0, float("nan")], first_step=0)  # non-finite: at once, even before the window fills
+    LossGuard(factor=0, window=1).check([1.0, 100.0, 1e6], first_step=0)  # factor 0: only non-finite stops
+
+
+def test_learning_rate_watch_ignores_small_updates_while_the_schedule_anneals():
+    watch = LearningRateWatch(patience=2)
+    low = {"update_ratio/a": -6.0}
+    assert watch.update(low, lr=1.0) is None
+    assert watch.update(low, lr=0.4) is None and watch.update(low, lr=0.1) is None  # annealed: not counted
+    assert watch.update(low, lr=0.6) is None and "too low" in watch.update(low, lr=0.6)
 
 
 # --- in a real run ---------------------------------------------------------------------------------
@@ -119,7 +133,7 @@ def test_run_logs_activations_and_histograms(run_cli, tmp_path):
 
 
 def test_exploding_loss_stops_with_status_3_and_a_summary(run_cli, tmp_path):
-    result = run_cli([*TINY, "optim.lr=5"], tmp_path)
+    result = run_cli([*TINY, "data.batch_size=8", "optim.lr=5"], tmp_path)
     assert result.returncode == 3, result.stdout
     assert "exploded" in result.stdout and "lower optim.lr" in result.stdout
     (summary,) = (tmp_path / "outputs").glob("*/*/summary.json")
@@ -127,7 +141,37 @@ def test_exploding_loss_stops_with_status_3_and_a_summary(run_cli, tmp_path):
 
 
 def test_a_sweep_records_a_diverged_trial_and_goes_on(run_cli, tmp_path):
-    result = run_cli(["-m", *TINY, "optim.lr=5,0.001"], tmp_path)
+    result = run_cli(["-m", *TINY, "data.batch_size=8", "optim.lr=5,0.001"], tmp_path)
     assert result.returncode == 0, result.stdout
     statuses = sorted(json.loads(p.read_text())["status"] for p in (tmp_path / "outputs").glob("multirun/*/*/summary.json"))
     assert statuses == ["completed", "diverged"]
+
+
+def test_monitor_warns_about_a_dead_layer_and_summarizes_the_update_ratio(caplog):
+    from types import SimpleNamespace
+
+    from cvtrain.monitor import TrainingMonitor
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)  # every unit of layer 1 is dead
+    logged = {}
+    logger = SimpleNamespace(scalars=lambda values, step: logged.update(values))
+    cfg = SimpleNamespace(monitor_every=1, histogram_every=0, explode_factor=3.0)
+    monitor = TrainingMonitor(model, cfg, logger)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(2):
+        monitor.before_forward(step)
+        loss = model(torch.randn(16, 6)).logsumexp(1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        monitor.before_step(step)
+        optimizer.step()
+        with caplog.at_level("WARNING", logger="cvtrain"):
+            monitor.after_step(step, lr=0.1)
+    assert logged["act/1/dead_fraction"] == 1.0
+    warnings = [r.getMessage() for r in caplog.records if "dead ReLUs" in r.getMessage()]
+    assert len(warnings) == 1 and "100% of the units of layer 1" in warnings[0]  # once, not at step 0
+    assert "update_ratio/median" in logged
+    assert monitor.summary()["update_ratio_log10"] == pytest.approx(sorted(monitor.median_ratios)[1], abs=1e-3)

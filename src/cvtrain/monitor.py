@@ -20,7 +20,9 @@ from cvtrain import TrainingDiverged
 log = logging.getLogger("cvtrain")
 
 # the final figures shown beside the hyperparameters in TensorBoard's HPARAMS tab
-SUMMARY_METRICS = ["best_val_acc", "final_val_acc", "test_acc", "train_time_s", "train_images_per_s"]
+SUMMARY_METRICS = ["best_val_acc", "final_val_acc", "test_acc", "train_time_s", "train_images_per_s",
+                   "update_ratio_log10"]
+DEAD_WARNING = 0.5  # warn once per layer when at least this fraction of its ReLU units is dead
 UPDATE_RATIO_REFERENCE = -3.0  # log10(1e-3): the course's rule of thumb for a healthy learning rate
 
 
@@ -104,20 +106,28 @@ class ActivationMonitor:
 
 class LearningRateWatch:
     """Plain-words warning when the median update/weight ratio stays far from 1e-3 (more than
-    10x off, i.e. log10 above -2 or below -4) for `patience` measurements in a row."""
+    10x off, i.e. log10 above -2 or below -4) for `patience` measurements in a row.
+
+    "Too low" is only judged while the learning rate is at least half of its peak so far: a
+    schedule that anneals the lr (cosine, step decay) shrinks the updates on purpose."""
 
     def __init__(self, patience: int = 5, low: float = -4.0, high: float = -2.0):
         self.patience, self.low, self.high = patience, low, high
         self.too_high = self.too_low = 0
+        self.peak_lr = 0.0
         self.warned = set()
 
-    def update(self, values: dict):
-        ratios = sorted(v for k, v in values.items() if k.startswith("update_ratio/") and "reference" not in k)
+    def update(self, values: dict, lr: float | None = None):
+        ratios = sorted(v for k, v in values.items()
+                        if k.startswith("update_ratio/") and not k.endswith(("reference_1e-3", "/median")))
         if not ratios:
             return None
         median = ratios[len(ratios) // 2]
+        if lr is not None:
+            self.peak_lr = max(self.peak_lr, lr)
+        annealed = lr is not None and lr < 0.5 * self.peak_lr
         self.too_high = self.too_high + 1 if median > self.high else 0
-        self.too_low = self.too_low + 1 if median < self.low else 0
+        self.too_low = self.too_low + 1 if median < self.low and not annealed else 0
         for direction, count in (("high", self.too_high), ("low", self.too_low)):
             if count >= self.patience and direction not in self.warned:
                 self.warned.add(direction)
@@ -128,10 +138,14 @@ class LearningRateWatch:
 
 
 class LossGuard:
-    """Stops a diverging run: a non-finite loss, or a loss above `factor` x the first logged loss."""
+    """Stops a diverging run: at once on a non-finite loss, and when the mean of the last
+    `window` losses exceeds `factor` x the initial loss (the first one, measured before any
+    update). Averaging over a window lets a one-batch spike (Adam's first steps, an odd
+    batch) pass and still stops a run whose loss has really climbed, within `window` steps."""
 
-    def __init__(self, factor: float = 3.0):
-        self.factor, self.initial = factor, None
+    def __init__(self, factor: float = 3.0, window: int = 10):
+        self.factor, self.window = factor, window
+        self.initial, self.recent = None, []
 
     def check(self, losses: list, first_step: int) -> None:
         for i, loss in enumerate(losses):
@@ -141,9 +155,14 @@ class LossGuard:
                                        "(or clip gradients) and try again")
             if self.initial is None:
                 self.initial = loss
-            elif self.factor > 0 and loss > self.factor * self.initial:
-                raise TrainingDiverged(f"the loss exploded at step {step}: {loss:.4g} > {self.factor:g} x the "
-                                       f"initial {self.initial:.4g}; lower optim.lr and try again")
+            self.recent = (self.recent + [loss])[-self.window:]
+            if len(self.recent) < self.window:
+                continue
+            mean = sum(self.recent) / self.window
+            if self.factor > 0 and mean > self.factor * self.initial:
+                raise TrainingDiverged(f"the loss exploded at step {step}: its mean over the last {self.window} "
+                                       f"steps is {mean:.4g} > {self.factor:g} x the initial {self.initial:.4g}; "
+                                       "lower optim.lr and try again")
 
 
 class TrainingMonitor:
@@ -164,6 +183,8 @@ class TrainingMonitor:
         self.activations = ActivationMonitor(model)
         self.lr_watch = LearningRateWatch()
         self.loss_guard = LossGuard(trainer_cfg.explode_factor)
+        self.median_ratios = []  # the median log10 update/weight ratio of each measurement
+        self.dead_warned = set()  # layers already reported as mostly dead
 
     def _due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
@@ -179,17 +200,37 @@ class TrainingMonitor:
         if self.histogram_every > 0 and step % self.histogram_every == 0:
             self.logger.histograms(self.model, step)
 
-    def after_step(self, step: int) -> None:
+    def after_step(self, step: int, lr: float | None = None) -> None:
+        """After optimizer.step(); `lr`: the learning rate of that step (for the lr watch)."""
         if not self._due(step):
             return
         values = {**self.ratios.after_step(), **self.activations.collect()}
+        ratios = sorted(v for k, v in values.items() if k.startswith("update_ratio/") and "reference" not in k)
+        if ratios:
+            values["update_ratio/median"] = ratios[len(ratios) // 2]
+            self.median_ratios.append(values["update_ratio/median"])
         self.logger.scalars(values, step)
-        warning = self.lr_watch.update(values)
+        warning = self.lr_watch.update(values, lr)
         if warning:
             log.warning(warning)
+        for tag, value in values.items():
+            layer = tag.removeprefix("act/").removesuffix("/dead_fraction")
+            if tag.endswith("/dead_fraction") and value >= DEAD_WARNING and step > 0 and layer not in self.dead_warned:
+                self.dead_warned.add(layer)
+                log.warning("dead ReLUs: %.0f%% of the units of layer %s never fired on the measured batch (step %d);"
+                            " a too-high learning rate or a bad init kills them for good: lower optim.lr",
+                            100 * value, layer, step)
 
     def check_losses(self, losses: list, first_step: int) -> None:
         self.loss_guard.check(losses, first_step)
+
+    def summary(self) -> dict:
+        """For summary.json: the median over the run of the per-measurement median log10
+        update/weight ratio (healthy: about -3), or nothing when none was measured."""
+        if not self.median_ratios:
+            return {}
+        ordered = sorted(self.median_ratios)
+        return {"update_ratio_log10": round(ordered[len(ordered) // 2], 3)}
 
 
 # settings that do not change what is learned: left out of the HPARAMS table
