@@ -24,7 +24,7 @@ def read_summary(run_dir) -> dict:
 
 
 def load_events(run_dir) -> EventAccumulator:
-    (events,) = (run_dir / "tb").iterdir()
+    (events,) = (run_dir / "tb").glob("events.out.tfevents.*")  # beside it: the projector's files (trainer.viz)
     acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
     acc.Reload()
     return acc
@@ -130,8 +130,9 @@ def test_run_dir_layout(mlp_dir):
     assert re.fullmatch(r"\d{2}-\d{2}-\d{2}_synthetic_mlp_adam", mlp_dir.name)
     assert "name: mlp" in (mlp_dir / ".hydra" / "config.yaml").read_text()
     assert (mlp_dir / "cvtrain.log").is_file()
-    tb = list((mlp_dir / "tb").iterdir())
-    assert len(tb) == 1 and tb[0].is_file() and tb[0].name.startswith("events.out.tfevents.")
+    tb = list((mlp_dir / "tb").glob("events.out.tfevents.*"))
+    assert len(tb) == 1 and tb[0].is_file()
+    assert (mlp_dir / "viz" / "confusion_matrix.png").is_file()
     assert {p.name for p in (mlp_dir / "checkpoints").iterdir()} == {"last.pt", "best.pt"}
 
 
@@ -161,8 +162,13 @@ def test_tensorboard_scalars(mlp_dir):
     assert values(events, "train/acc").keys() == values(events, "val/loss").keys() == {3, 6}
     assert [r["val_acc"] for r in read_metrics(mlp_dir)] == pytest.approx(list(values(events, "val/acc").values()))
 
-    ratio_tags = {t for t in tags if t.startswith("update_ratio/") and t != "update_ratio/reference_1e-3"}
+    ratio_tags = {t for t in tags if t.startswith("update_ratio/")} - {"update_ratio/reference_1e-3",
+                                                                         "update_ratio/median"}
     assert ratio_tags == {"update_ratio/1.weight", "update_ratio/3.weight"}  # weight matrices, not biases
+    medians = values(events, "update_ratio/median")
+    for step, median in medians.items():  # the upper median of the two tensors' ratios
+        assert median == pytest.approx(max(values(events, t)[step] for t in ratio_tags))
+    assert read_summary(mlp_dir)["update_ratio_log10"] == pytest.approx(sorted(medians.values())[1], abs=1e-3)
     for tag in ratio_tags:
         ratios = values(events, tag)
         assert ratios.keys() == {0, 2, 4}  # trainer.monitor_every=2

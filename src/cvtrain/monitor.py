@@ -235,7 +235,9 @@ class TrainingMonitor:
 
 # settings that do not change what is learned: left out of the HPARAMS table
 _NOT_HPARAMS = {"trainer.progress", "trainer.log_every", "trainer.checkpoint", "trainer.resume",
-                "trainer.monitor_every", "trainer.histogram_every", "trainer.explode_factor", "data.cache_dir", "data.root", "data.download", "data.eval_batch_size"}
+                "trainer.monitor_every", "trainer.histogram_every", "trainer.explode_factor", "trainer.sanity",
+                "trainer.viz", "trainer.lr_find_steps", "trainer.lr_find_start", "trainer.lr_find_end",
+                "data.cache_dir", "data.root", "data.download", "data.eval_batch_size"}
 _SYNTHETIC_ONLY = {"data.channels", "data.num_classes", "data.num_samples", "data.num_test", "data.noise"}
 
 

@@ -107,7 +107,7 @@ def train_one_epoch(model, loader, loss_fn, regularizer, optimizer, scheduler, m
             optimizer.step()
             regularizer.project_()  # reg.max_norm: each unit's incoming weights back into the ball
             scheduler.step_batch()
-            monitor.after_step(step)
+            monitor.after_step(step, pending_lr[-1])
 
             pending["train/loss"].append(loss.detach())
             total_loss += loss.detach() * len(y)
@@ -140,6 +140,7 @@ def train(cfg, run_dir: Path, choices: dict | None = None) -> dict:
 
     if cfg.trainer.epochs < 1:
         raise UserError(f"trainer.epochs={cfg.trainer.epochs}: train for at least 1 epoch")
+    augment = BatchAugment(cfg.aug)  # checks the aug values before any data is loaded
     data = load_data(cfg.data, device)  # data.preprocess is fitted on the training split (whitening on device)
     if cfg.trainer.sanity:
         require_sanity(cfg, data, device)  # initial loss, regularization, overfit a tiny subset
@@ -149,7 +150,7 @@ def train(cfg, run_dir: Path, choices: dict | None = None) -> dict:
     optimizer = build_optimizer(cfg.optim, model)
     train_loader = InMemoryLoader(data.train, cfg.data.batch_size, device=device, shuffle=True,
                                   preprocess=data.preprocess,  # applied after augmentation
-                                  augment=BatchAugment(cfg.aug), seed=cfg.trainer.seed, drop_last=True)
+                                  augment=augment, seed=cfg.trainer.seed, drop_last=True)
     val_loader = InMemoryLoader(data.val, cfg.data.eval_batch_size, device=device, preprocess=data.preprocess)
     scheduler = build_scheduler(cfg.sched, optimizer, cfg.trainer.epochs, len(train_loader))
     start_epoch, step, best_val_acc, best_epoch, val_acc = 0, 0, -1.0, 0, float("nan")
@@ -179,7 +180,8 @@ def train(cfg, run_dir: Path, choices: dict | None = None) -> dict:
         except TrainingDiverged as err:  # keep what the run has: its last good checkpoint, a summary
             (run_dir / "summary.json").write_text(json.dumps(
                 {"status": "diverged", "reason": str(err), "epochs_completed": epoch,
-                 "best_val_acc": best_val_acc if best_epoch else None, "params": params}, indent=2) + "\n")
+                 "best_val_acc": best_val_acc if best_epoch else None, "params": params,
+                 **monitor.summary()}, indent=2) + "\n")
             logger.close()
             raise
         epoch_time = time.perf_counter() - t0
@@ -212,7 +214,7 @@ def train(cfg, run_dir: Path, choices: dict | None = None) -> dict:
     summary = {"status": "completed", "best_val_acc": best_val_acc, "best_epoch": best_epoch, "final_val_acc": val_acc,
                "epochs": cfg.trainer.epochs, "train_time_s": round(time.perf_counter() - start, 3),
                "train_images_per_s": round(train_images / max(train_time, 1e-9), 1), "params": params,
-               "device": str(device)}
+               "device": str(device), **monitor.summary()}
     if cfg.trainer.test:
         summary["test_acc"] = _test_best(cfg, run_dir, model, data, loss_fn, device)
     if cfg.trainer.viz:
@@ -271,10 +273,11 @@ def _visualize(cfg, run_dir, model, data, val_loader, writer, step, device) -> N
         from cvtrain.viz import write_visualizations  # imports matplotlib: only when used
 
         best = run_dir / "checkpoints" / "best.pt"
-        if cfg.trainer.checkpoint and best.exists():
+        use_best = cfg.trainer.checkpoint and best.exists()
+        if use_best:
             model.load_state_dict(load_checkpoint(best, map_location=device)["model"])
         files = write_visualizations(model, val_loader, data, writer, run_dir, step)
-        log.info("visualizations (%s model): %s in %s", "best" if best.exists() else "final",
+        log.info("visualizations of the %s model: %s in %s", "best" if use_best else "final",
                  ", ".join(files), run_dir / "viz")
     except Exception as err:  # noqa: BLE001
         log.warning("visualizations failed (trainer.viz=false skips them): %s", err, exc_info=True)

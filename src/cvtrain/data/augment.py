@@ -12,7 +12,7 @@ BatchAugment runs on pixels in [0, 1] before preprocessing, in this order:
     crop_padding                zero-pad and cut a random window (exact integer shifts)
     resized_crop, rotation_degrees, translate, shear_degrees, stretch
                                 one affine warp: per-sample matrices, one F.affine_grid +
-                                F.grid_sample (bilinear, zeros outside the image)
+                                F.grid_sample (bilinear, 0 outside the image)
     hflip, vflip                exact mirrors, each with probability 1/2
     brightness, contrast, saturation, hue
                                 color jitter, per sample, in that order (as torchvision's
@@ -90,7 +90,8 @@ def random_affine(x: torch.Tensor, gen: torch.Generator, degrees: float = 0.0, t
     +-`degrees`, sheared parallel to x by up to +-`shear` degrees, stretched by independent
     factors in `stretch` along x and y, and shifted by up to +-`translate` of the size.
     Everything is about the image center, in pixel units (no skew on non-square images);
-    outside the image is 0.
+    outside the image is 0, and a window inside it has no dark rim (the edge pixels extend over
+    the half-pixel rim past the outer pixel centers).
     """
     b, _, h, w = x.shape
     angle = torch.deg2rad(_uniform(b, -degrees, degrees, gen))
@@ -115,7 +116,12 @@ def random_affine(x: torch.Tensor, gen: torch.Generator, degrees: float = 0.0, t
         crop[:, 0, 0], crop[:, 0, 2], crop[:, 1, 1], crop[:, 1, 2], crop[:, 2, 2] = fw, cx, fh, cy, 1
         theta = crop @ theta
     grid = F.affine_grid(theta[:, :2].to(x.device, x.dtype), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    # Points inside the image but past its outer pixel centers (a half-pixel rim) take the edge pixels
+    # (padding "zeros" would blend them with black: a dark rim on every crop touching the border);
+    # points outside the image are 0.
+    inside = (grid.abs() <= 1).all(3, keepdim=True).movedim(3, 1)  # B, 1, H, W
+    warped = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return warped * inside
 
 
 def random_resized_crop(x: torch.Tensor, gen: torch.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):

@@ -1,0 +1,156 @@
+"""scripts/compare_runs.py on hand-made run directories (summary.json, metrics.jsonl, .hydra/*.yaml)."""
+import copy
+import csv
+import importlib.util
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_runs.py"
+spec = importlib.util.spec_from_file_location("compare_runs", SCRIPT)
+compare_runs = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(compare_runs)
+
+BASE = {"task": "train",
+        "data": {"source": "digits", "batch_size": 64, "cache_dir": "~/.cache/cvtrain", "num_samples": 1000},
+        "model": {"name": "lenet", "init": "default"},
+        "optim": {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 0.001},
+        "trainer": {"epochs": 10, "seed": 0, "progress": True}}
+
+
+def make_run(root, name, choices, summary=None, metrics=(), **changes):
+    """A run dir as train() and Hydra leave it; `changes`: {"optim.lr": 0.1, ...} on BASE."""
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    config = copy.deepcopy(BASE)
+    for key, value in changes.items():
+        group, leaf = key.split(".")
+        config[group][leaf] = value
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    all_choices = {"data": "digits", "model": "lenet", "optim": "adam", "sched": "cosine", "aug": "none",
+                   "loss": "cross_entropy", "reg": "none", "trainer": "default", "hydra/launcher": "basic", **choices}
+    (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": all_choices}}}))
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"{k}={v}" for k, v in choices.items()]))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    if summary is not None:
+        (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def epoch(n, val_acc):
+    return {"epoch": n, "step": 56 * n, "val_acc": val_acc, "epoch_time_s": 2.0}
+
+
+@pytest.fixture()
+def outputs(tmp_path):
+    root = tmp_path / "outputs"
+    make_run(root, "2026-01-01/10-00-00_digits_lenet_adam", {},
+             {"status": "completed", "best_val_acc": 0.975, "best_epoch": 6, "final_val_acc": 0.97, "epochs": 10,
+              "train_time_s": 21.4, "test_acc": 0.971, "params": 1256080, "device": "cpu"},
+             [epoch(1, 0.9)], **{"trainer.progress": False})  # a setting, not a hyperparameter
+    make_run(root, "2026-01-01/11-00-00_digits_mlp_sgd", {"model": "mlp", "optim": "sgd"},
+             {"status": "completed", "best_val_acc": 0.93, "epochs": 10, "train_time_s": 8.0},
+             **{"model.name": "mlp", "model.hidden_sizes": [100], "optim.lr": 0.1})
+    make_run(root, "multirun/2026-01-02_09-00-00/0_digits_lenet_sgd", {"optim": "sgd"},
+             {"status": "diverged", "reason": "the loss became nan at step 3", "epochs_completed": 0,
+              "best_val_acc": None, "params": 1256080}, **{"optim.lr": 1.0})
+    make_run(root, "multirun/2026-01-02_09-00-00/1_digits_knn_adam", {"model": "knn"},  # kNN: no status key
+             {"best_val_acc": 0.91, "k": 5, "epochs": 0, "params": 0, "train_time_s": 0.5, "final_val_acc": 0.91},
+             **{"model.name": "knn", "model.k": 5})
+    make_run(root, "2026-01-03/08-00-00_digits_lenet_adam", {"trainer.seed": 1},  # no summary yet: running
+             None, [epoch(1, 0.5), epoch(2, 0.6)], **{"trainer.seed": 1})
+    (root / "2026-01-03" / "08-30-00_digits_lenet_adam" / ".hydra").mkdir(parents=True)  # task=summary: no run
+    return root
+
+
+def table(*args):
+    """(header, {run: row}) of the printed table."""
+    lines = compare_runs.compare(*args).splitlines()
+    header = lines[0].split()
+    assert set(lines[1]) <= {"-", " "}
+    return header, {line.split()[0]: dict(zip(header, line.split())) for line in lines[2:]}
+
+
+def test_every_run_is_listed_with_its_status_and_results(outputs):
+    header, rows = table([outputs])
+    assert list(rows) == sorted(rows)  # default: sorted by path (date and time)
+    assert len(rows) == 5
+    lenet = rows["2026-01-01/10-00-00_digits_lenet_adam"]
+    assert lenet | {"status": "completed", "best_val_acc": "97.50%", "test_acc": "97.10%", "epochs": "10",
+                    "train_time_s": "21.4"} == lenet
+    diverged = rows["multirun/2026-01-02_09-00-00/0_digits_lenet_sgd"]
+    assert (diverged["status"], diverged["best_val_acc"], diverged["epochs"]) == ("diverged", "-", "0")
+    knn = rows["multirun/2026-01-02_09-00-00/1_digits_knn_adam"]
+    assert (knn["status"], knn["model"], knn["best_val_acc"], knn["epochs"]) == ("completed", "knn", "91.00%", "0")
+    running = rows["2026-01-03/08-00-00_digits_lenet_adam"]
+    assert (running["status"], running["best_val_acc"], running["epochs"], running["train_time_s"]) == \
+        ("running", "60.00%", "2", "4.0")
+
+
+def test_only_the_hyperparameters_that_differ_are_columns(outputs):
+    header, _ = table([outputs])
+    assert header == ["run", "data", "model", "optim", "sched", "aug", "optim.lr", "trainer.seed",
+                      "status", "best_val_acc", "test_acc", "epochs", "train_time_s"]
+    # not: equal everywhere (data.batch_size), implied by a choice (model.name), only one run has it
+    # (model.hidden_sizes, model.k), not a hyperparameter (trainer.progress), synthetic-only (data.num_samples)
+    header, _ = table([outputs], "run", False, None, ["model=lenet", "status=completed"])
+    assert "optim.lr" not in header and "trainer.seed" not in header and "test_acc" in header
+
+
+def test_sort_by_any_column_either_way_missing_values_last(outputs):
+    _, rows = table([outputs], "best_val_acc", True)
+    assert [r["best_val_acc"] for r in rows.values()] == ["97.50%", "93.00%", "91.00%", "60.00%", "-"]
+    _, rows = table([outputs], "best_val_acc", False)
+    assert [r["best_val_acc"] for r in rows.values()] == ["60.00%", "91.00%", "93.00%", "97.50%", "-"]
+    _, rows = table([outputs], "optim.lr", True)
+    assert [r["optim.lr"] for r in rows.values()] == ["1", "0.1", "0.001", "0.001", "0.001"]
+
+
+def test_filter_and_columns(outputs):
+    _, rows = table([outputs], "run", False, ["run", "optim", "trainer.epochs"], ["optim=sgd"])
+    assert rows == {"2026-01-01/11-00-00_digits_mlp_sgd": {"run": "2026-01-01/11-00-00_digits_mlp_sgd", "optim": "sgd",
+                                                           "trainer.epochs": "10"},
+                    "multirun/2026-01-02_09-00-00/0_digits_lenet_sgd": {
+                        "run": "multirun/2026-01-02_09-00-00/0_digits_lenet_sgd", "optim": "sgd",
+                        "trainer.epochs": "10"}}
+    _, rows = table([outputs], "run", False, None, ["optim.lr=0.1"])
+    assert list(rows) == ["2026-01-01/11-00-00_digits_mlp_sgd"]
+
+
+def test_csv_has_raw_values(outputs):
+    text = compare_runs.compare([outputs], "run", False, ["run", "best_val_acc", "status"], [], True)
+    rows = {row["run"]: row for row in csv.DictReader(io.StringIO(text))}
+    assert rows["2026-01-01/10-00-00_digits_lenet_adam"] == {"run": "2026-01-01/10-00-00_digits_lenet_adam",
+                                                             "best_val_acc": "0.975", "status": "completed"}
+    assert rows["multirun/2026-01-02_09-00-00/0_digits_lenet_sgd"]["best_val_acc"] == ""  # diverged: none
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sort", "bogus"], "--sort 'bogus' is not a column; valid columns: run, data, model, optim, sched, aug, optim.lr"),
+    (["--columns", "run,nope"], "--columns 'nope' is not a column"),
+    (["--filter", "modle=lenet"], "--filter key 'modle' is not a column"),
+    (["--filter", "lenet"], "write KEY=VALUE"),
+    (["--filter", "model=vgg11"], "no run matches --filter model=vgg11"),
+])
+def test_bad_arguments_are_errors_with_status_2(outputs, capsys, args, message):
+    assert compare_runs.main([str(outputs), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+
+
+def test_command_line(outputs, tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=tmp_path)
+
+    ok = run("outputs", "--sort", "best_val_acc", "--desc")
+    assert ok.returncode == 0 and ok.stdout.splitlines()[2].startswith("2026-01-01/10-00-00_digits_lenet_adam")
+    missing = run("nowhere")
+    assert missing.returncode == 2 and "nowhere is not a directory" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    empty = run(str(outputs / "2026-01-03" / "08-30-00_digits_lenet_adam"))
+    assert empty.returncode == 2 and "no runs under" in empty.stderr
