@@ -17,8 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cvtrain import UserError
-from cvtrain.models.registry import pick_variant, register_model
+from cvtrain.models.registry import pick_variant, require_min_side, register_model
 
 GROWTH_RATE, BLOCK_CONFIG, BN_SIZE, COMPRESSION = 32, (6, 12, 24, 16), 4, 0.5
 
@@ -114,11 +113,7 @@ MIN_SIDE = {"small": 8, "imagenet": 29}
 
 @register_model("densenet121")
 def densenet121(in_shape, num_classes, variant="auto", dropout=0.0):
-    c, h, w = in_shape
     variant = pick_variant(variant, in_shape, "densenet121")
-    need = MIN_SIDE[variant]
-    if min(h, w) < need:
-        hint = ("Use model.variant=small (or auto) for small images such as 32x32 and 28x28." if variant == "imagenet"
-                else "Use model=mlp or model=linear for smaller inputs.")
-        raise UserError(f"DenseNet-121's {variant} form needs images of at least {need}x{need}; got {h}x{w}. {hint}")
+    require_min_side("DenseNet-121", variant, in_shape, MIN_SIDE[variant])
+    c = in_shape[0]
     return DenseNet(c, num_classes, small_stem=variant == "small", dropout=dropout)

@@ -13,8 +13,7 @@ variant=auto picks imagenet for inputs of 64 px and up, small below.
 import torch
 import torch.nn as nn
 
-from cvtrain import UserError
-from cvtrain.models.registry import pick_variant, register_model
+from cvtrain.models.registry import pick_variant, require_min_side, register_model
 
 # Inception modules, the paper's Table 1: (#1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj),
 # grouped by stage; a max-pool halves the map between stages.
@@ -115,11 +114,7 @@ MIN_SIDE = {"small": 4, "imagenet": 15}
 
 @register_model("googlenet")
 def googlenet(in_shape, num_classes, variant="auto", dropout=0.2):
-    c, h, w = in_shape
     variant = pick_variant(variant, in_shape, "googlenet")
-    need = MIN_SIDE[variant]
-    if min(h, w) < need:
-        hint = ("Use model.variant=small (or auto) for small images such as 32x32 and 28x28." if variant == "imagenet"
-                else "Use model=mlp or model=linear for smaller inputs.")
-        raise UserError(f"GoogLeNet's {variant} form needs images of at least {need}x{need}; got {h}x{w}. {hint}")
+    require_min_side("GoogLeNet", variant, in_shape, MIN_SIDE[variant])
+    c = in_shape[0]
     return GoogLeNet(c, num_classes, small_stem=variant == "small", dropout=dropout)

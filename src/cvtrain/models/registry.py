@@ -37,6 +37,15 @@ def pick_variant(variant: str, in_shape, model: str) -> str:
     return variant
 
 
+def require_min_side(label: str, variant: str, in_shape, need: int) -> None:
+    """A clear error before training when `label`'s `variant` form cannot take images this small."""
+    h, w = in_shape[1:]
+    if min(h, w) < need:
+        hint = ("Use model.variant=small (or auto) for small images such as 32x32 and 28x28." if variant == "imagenet"
+                else "Use model=mlp or model=linear for smaller inputs.")
+        raise UserError(f"{label}'s {variant} form needs images of at least {need}x{need}; got {h}x{w}. {hint}")
+
+
 def list_models() -> list[str]:
     return sorted(_MODELS)
 
