@@ -49,6 +49,19 @@ def main():
     acc = (ours == val_y).float().mean().item()
     print(f"cvtrain {t_ours:.1f} s | scikit-learn {t_sk:.1f} s | speed-up {t_sk / t_ours:.2f}x | "
           f"predictions agree on {100 * agree:.2f}% | accuracy {100 * acc:.2f}%")
+    for i in torch.nonzero(ours != theirs).flatten().tolist()[:10]:
+        explain_disagreement(i, train_x, train_y, val_x[i], args.k, args.metric, int(ours[i]), int(theirs[i]))
+
+
+def explain_disagreement(i, train_x, train_y, query, k, metric, ours, theirs) -> None:
+    """Why query i differs: its neighbours in float64, the gap at the k-th one, the votes."""
+    diff = train_x.flatten(1).double() - query.flatten().double()
+    dist = diff.abs().sum(1) if metric == "l1" else diff.pow(2).sum(1).sqrt()
+    order = dist.argsort()
+    kth, next_ = dist[order[k - 1]].item(), dist[order[k]].item()
+    votes = torch.bincount(train_y[order[:k]], minlength=int(train_y.max()) + 1).tolist()
+    print(f"  query {i}: cvtrain says {ours}, scikit-learn {theirs}; float64 votes of the {k} nearest {votes}; "
+          f"k-th / (k+1)-th distance {kth:.6f} / {next_:.6f} (relative gap {(next_ - kth) / kth:.1e})")
 
 
 if __name__ == "__main__":
