@@ -92,6 +92,9 @@ def read_run(run_dir: Path, root: Path) -> dict:
         "train_time_s": summary.get("train_time_s",
                                     round(sum(m.get("epoch_time_s", 0) for m in metrics), 3) if metrics else None),
     }
+    # the rest of summary.json (update_ratio_log10, train_images_per_s, params, reason, ...): --columns / --sort
+    results.update({k: v for k, v in summary.items() if k not in results and k != "epochs_completed"
+                    and isinstance(v, (int, float, str))})
     name = run_dir.relative_to(root).as_posix() if run_dir != root else run_dir.name
     overrides = _yaml(hydra_dir / "overrides.yaml") or []
     return {"run": name, "overrides": " ".join(map(str, overrides)), **config, **choices, **results}
@@ -117,7 +120,8 @@ def default_columns(runs: list) -> list[str]:
 def check_column(column: str, columns: list, runs: list, what: str) -> None:
     if column not in columns and column != "overrides" and not any(column in r for r in runs):
         raise UserError(f"{what} {column!r} is not a column; valid columns: {', '.join(columns)} "
-                        "(or any config key, e.g. optim.lr, or overrides)")
+                        "(or any config key, e.g. optim.lr, any summary.json key, e.g. update_ratio_log10, "
+                        "or overrides)")
 
 
 def _matches(value, wanted: str) -> bool:

@@ -154,3 +154,11 @@ def test_command_line(outputs, tmp_path):
     assert "Traceback" not in missing.stderr
     empty = run(str(outputs / "2026-01-03" / "08-30-00_digits_lenet_adam"))
     assert empty.returncode == 2 and "no runs under" in empty.stderr
+
+
+def test_any_summary_key_is_a_column(outputs):
+    text = compare_runs.compare([outputs], "params", True, ["run", "params", "reason"], [], True)
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert rows[0]["run"] == "2026-01-01/10-00-00_digits_lenet_adam" and rows[0]["params"] == "1256080"
+    diverged = next(r for r in rows if "0_digits_lenet_sgd" in r["run"])
+    assert diverged["reason"] == "the loss became nan at step 3"
