@@ -26,16 +26,11 @@ from pathlib import Path
 import yaml
 
 from cvtrain import UserError
+from cvtrain.config import NOT_HPARAMS, SYNTHETIC_ONLY
 
 CHOICES = ["data", "model", "optim", "sched", "aug"]
 OTHER_CHOICES = ["loss", "reg", "experiment", "trainer"]  # shown when they differ
 RESULTS = ["status", "best_val_acc", "test_acc", "epochs", "train_time_s"]
-# settings that do not change what is learned (or are implied by a choice): never a hyperparameter column
-NOT_HPARAMS = {"task", "data.source", "data.cache_dir", "data.download", "data.eval_batch_size", "trainer.progress",
-               "trainer.log_every", "trainer.checkpoint", "trainer.resume", "trainer.monitor_every",
-               "trainer.histogram_every", "trainer.viz", "trainer.lr_find_steps", "trainer.lr_find_start",
-               "trainer.lr_find_end"}
-SYNTHETIC_ONLY = {"data.channels", "data.num_classes", "data.num_samples", "data.num_test", "data.noise"}
 PERCENT = {"best_val_acc", "test_acc"}
 SKIP_DIRS = {"tb", "checkpoints", "viz", ".hydra"}
 

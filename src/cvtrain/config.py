@@ -101,5 +101,14 @@ class Config:
     sched: Any = None
 
 
+# Config keys that do not change what is learned, or repeat a group's choice: not hyperparameters,
+# neither in TensorBoard's HPARAMS tab (monitor.run_hparams) nor as columns of scripts/compare_runs.py.
+NOT_HPARAMS = {"task", "data.source", "data.root", "data.download", "data.cache_dir", "data.eval_batch_size",
+               "trainer.progress", "trainer.log_every", "trainer.checkpoint", "trainer.resume", "trainer.sanity",
+               "trainer.monitor_every", "trainer.histogram_every", "trainer.explode_factor", "trainer.viz",
+               "trainer.lr_find_steps", "trainer.lr_find_start", "trainer.lr_find_end"}
+SYNTHETIC_ONLY = {"data.channels", "data.num_classes", "data.num_samples", "data.num_test", "data.noise"}
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="cvtrain_schema", node=Config)

@@ -41,6 +41,7 @@ import torch.nn as nn
 from omegaconf import OmegaConf
 
 from cvtrain import UserError
+from cvtrain.models.init import WEIGHTED
 
 log = logging.getLogger("cvtrain")
 
@@ -58,7 +59,6 @@ GRADCHECK_H = 1e-6
 GRADCHECK_FLOOR = 1e-10  # denominator floor of the relative error (gradients below it count as 0)
 GRADCHECK_THRESHOLD = 1e-4  # pass: every tensor's max relative error below this
 READING = ((1e-7, "good"), (1e-4, "ok"), (1e-2, "uncomfortable"), (math.inf, "WRONG"))
-WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @dataclass

@@ -8,6 +8,7 @@ grads/<param> (histograms), summary/<metric>.
 import json
 import logging
 import math
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from cvtrain import TrainingDiverged
+from cvtrain.config import NOT_HPARAMS, SYNTHETIC_ONLY
 
 log = logging.getLogger("cvtrain")
 
@@ -26,18 +28,23 @@ DEAD_WARNING = 0.5  # warn once per layer when at least this fraction of its ReL
 UPDATE_RATIO_REFERENCE = -3.0  # log10(1e-3): the course's rule of thumb for a healthy learning rate
 
 
+def median_update_ratio(values: dict):
+    """The median of the per-tensor log10 update/weight ratios among `values` (the upper one of an
+    even count), or None when there are none."""
+    ratios = sorted(v for k, v in values.items()
+                    if k.startswith("update_ratio/") and not k.endswith(("/reference_1e-3", "/median")))
+    return ratios[len(ratios) // 2] if ratios else None
+
+
 class UpdateRatioMonitor:
-    """Every `every` steps: log10(||w_after - w_before|| / ||w_before||) for each weight
-    tensor (the change the optimizer step really made, whatever the optimizer), and
-    the gradient norm of each. Costs one copy of the weights on the measured steps only."""
+    """log10(||w_after - w_before|| / ||w_before||) for each weight tensor (the change the
+    optimizer step really made, whatever the optimizer), their median, and the gradient norm
+    of each, on the steps it is called for. Costs one copy of the weights on those steps only.
+    (`every` is TrainingMonitor's business; kept in the signature for callers.)"""
 
-    def __init__(self, model: torch.nn.Module, every: int):
+    def __init__(self, model: torch.nn.Module, every: int = 1):
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.dim() > 1]
-        self.every = every
         self._before = None
-
-    def due(self, step: int) -> bool:
-        return self.every > 0 and step % self.every == 0
 
     @torch.no_grad()
     def before_step(self) -> None:
@@ -54,6 +61,8 @@ class UpdateRatioMonitor:
         grad_norms = torch.stack(self._grad_norms).tolist()
         self._before = None
         values = {f"update_ratio/{name}": r for (name, _), r in zip(self.params, log_ratios)}
+        if log_ratios:
+            values["update_ratio/median"] = median_update_ratio(values)
         values.update({f"grad_norm/{name}": g for (name, _), g in zip(self.params, grad_norms)})
         values["update_ratio/reference_1e-3"] = UPDATE_RATIO_REFERENCE
         return values
@@ -118,11 +127,9 @@ class LearningRateWatch:
         self.warned = set()
 
     def update(self, values: dict, lr: float | None = None):
-        ratios = sorted(v for k, v in values.items()
-                        if k.startswith("update_ratio/") and not k.endswith(("reference_1e-3", "/median")))
-        if not ratios:
+        median = median_update_ratio(values)
+        if median is None:
             return None
-        median = ratios[len(ratios) // 2]
         if lr is not None:
             self.peak_lr = max(self.peak_lr, lr)
         annealed = lr is not None and lr < 0.5 * self.peak_lr
@@ -145,7 +152,7 @@ class LossGuard:
 
     def __init__(self, factor: float = 3.0, window: int = 10):
         self.factor, self.window = factor, window
-        self.initial, self.recent = None, []
+        self.initial, self.recent = None, deque(maxlen=window)
 
     def check(self, losses: list, first_step: int) -> None:
         for i, loss in enumerate(losses):
@@ -155,7 +162,7 @@ class LossGuard:
                                        "(or clip gradients) and try again")
             if self.initial is None:
                 self.initial = loss
-            self.recent = (self.recent + [loss])[-self.window:]
+            self.recent.append(loss)
             if len(self.recent) < self.window:
                 continue
             mean = sum(self.recent) / self.window
@@ -179,7 +186,7 @@ class TrainingMonitor:
     def __init__(self, model: nn.Module, trainer_cfg, logger: "RunLogger"):
         self.model, self.logger = model, logger
         self.every, self.histogram_every = trainer_cfg.monitor_every, trainer_cfg.histogram_every
-        self.ratios = UpdateRatioMonitor(model, self.every)
+        self.ratios = UpdateRatioMonitor(model)
         self.activations = ActivationMonitor(model)
         self.lr_watch = LearningRateWatch()
         self.loss_guard = LossGuard(trainer_cfg.explode_factor)
@@ -205,9 +212,7 @@ class TrainingMonitor:
         if not self._due(step):
             return
         values = {**self.ratios.after_step(), **self.activations.collect()}
-        ratios = sorted(v for k, v in values.items() if k.startswith("update_ratio/") and "reference" not in k)
-        if ratios:
-            values["update_ratio/median"] = ratios[len(ratios) // 2]
+        if "update_ratio/median" in values:
             self.median_ratios.append(values["update_ratio/median"])
         self.logger.scalars(values, step)
         warning = self.lr_watch.update(values, lr)
@@ -233,18 +238,10 @@ class TrainingMonitor:
         return {"update_ratio_log10": round(ordered[len(ordered) // 2], 3)}
 
 
-# settings that do not change what is learned: left out of the HPARAMS table
-_NOT_HPARAMS = {"trainer.progress", "trainer.log_every", "trainer.checkpoint", "trainer.resume",
-                "trainer.monitor_every", "trainer.histogram_every", "trainer.explode_factor", "trainer.sanity",
-                "trainer.viz", "trainer.lr_find_steps", "trainer.lr_find_start", "trainer.lr_find_end",
-                "data.cache_dir", "data.root", "data.download", "data.eval_batch_size"}
-_SYNTHETIC_ONLY = {"data.channels", "data.num_classes", "data.num_samples", "data.num_test", "data.noise"}
-
-
 def run_hparams(plain_cfg: dict, choices: dict) -> dict:
     """The HPARAMS-tab row of a run: its config choices and the values that shape training."""
     values = flat_hparams({k: plain_cfg[k] for k in ("model", "loss", "reg", "optim", "sched", "aug", "data", "trainer")})
-    skip = _NOT_HPARAMS | (_SYNTHETIC_ONLY if plain_cfg["data"]["source"] != "synthetic" else set())
+    skip = NOT_HPARAMS | (SYNTHETIC_ONLY if plain_cfg["data"]["source"] != "synthetic" else set())
     return {**choices, **{k: v for k, v in values.items() if k not in skip}}
 
 

@@ -215,10 +215,11 @@ def train(cfg, run_dir: Path, choices: dict | None = None) -> dict:
                "epochs": cfg.trainer.epochs, "train_time_s": round(time.perf_counter() - start, 3),
                "train_images_per_s": round(train_images / max(train_time, 1e-9), 1), "params": params,
                "device": str(device), **monitor.summary()}
+    weights = _load_best(cfg, run_dir, model, device) if cfg.trainer.test or cfg.trainer.viz else "final"
     if cfg.trainer.test:
-        summary["test_acc"] = _test_best(cfg, run_dir, model, data, loss_fn, device)
+        summary["test_acc"] = _test(cfg, model, data, loss_fn, device, weights)
     if cfg.trainer.viz:
-        _visualize(cfg, run_dir, model, data, val_loader, logger.writer, step, device)
+        _visualize(model, data, val_loader, logger.writer, run_dir, step, weights)
     logger.summary(summary, step)
     logger.close()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -264,32 +265,36 @@ def _carry_best_checkpoint(resume_path: Path, run_dir: Path) -> None:
         shutil.copy2(best, run_dir / "checkpoints" / "best.pt")
 
 
-def _visualize(cfg, run_dir, model, data, val_loader, writer, step, device) -> None:
+def _load_best(cfg, run_dir, model, device) -> str:
+    """Put the best checkpoint's weights into `model` (once, for the test split and the visualizations);
+    returns which weights the model now holds: "best", or "final" without trainer.checkpoint."""
+    best = run_dir / "checkpoints" / "best.pt"
+    if not (cfg.trainer.checkpoint and best.exists()):
+        return "final"
+    model.load_state_dict(load_checkpoint(best, map_location=device)["model"])
+    return "best"
+
+
+def _visualize(model, data, val_loader, writer, run_dir, step, weights: str) -> None:
     """trainer.viz: filters or templates, confusion matrix, misclassified images and the projector
-    (src/cvtrain/viz.py) to TensorBoard and <run dir>/viz/, drawn from the best checkpoint's weights
-    (checkpoints/best.pt, loaded into `model`), or the final model's without trainer.checkpoint.
+    (src/cvtrain/viz.py) to TensorBoard and <run dir>/viz/, drawn from `model` as it is (`weights`:
+    the best checkpoint's, or the final model's without trainer.checkpoint).
     A failure here is logged, not raised: the training run itself is complete."""
     try:
         from cvtrain.viz import write_visualizations  # imports matplotlib: only when used
 
-        best = run_dir / "checkpoints" / "best.pt"
-        use_best = cfg.trainer.checkpoint and best.exists()
-        if use_best:
-            model.load_state_dict(load_checkpoint(best, map_location=device)["model"])
         files = write_visualizations(model, val_loader, data, writer, run_dir, step)
-        log.info("visualizations of the %s model: %s in %s", "best" if use_best else "final",
-                 ", ".join(files), run_dir / "viz")
+        log.info("visualizations of the %s model: %s in %s", weights, ", ".join(files), run_dir / "viz")
     except Exception as err:  # noqa: BLE001
         log.warning("visualizations failed (trainer.viz=false skips them): %s", err, exc_info=True)
 
 
-def _test_best(cfg, run_dir, model, data, loss_fn, device) -> float:
+def _test(cfg, model, data, loss_fn, device, weights: str) -> float:
+    """Accuracy of `model` (holding the `weights` checkpoint) on the test split."""
     if data.test is None:
         raise UserError(f"data.source={cfg.data.source} has no test split; set trainer.test=false")
-    best = run_dir / "checkpoints" / "best.pt"
-    if cfg.trainer.checkpoint and best.exists():
-        model.load_state_dict(load_checkpoint(best, map_location=device)["model"])
     loader = InMemoryLoader(data.test, cfg.data.eval_batch_size, device=device, preprocess=data.preprocess)
     test_loss, test_acc = evaluate(model, loader, loss_fn)
-    log.info("test (best checkpoint): loss %.4f acc %.2f%% on %d images", test_loss, 100 * test_acc, len(data.test))
+    log.info("test (%s model): loss %.4f acc %.2f%% on %d images", weights, test_loss, 100 * test_acc,
+             len(data.test))
     return test_acc
