@@ -5,6 +5,7 @@ import re
 
 import pytest
 import torch
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -343,3 +344,16 @@ def test_resume_on_other_image_size_is_refused(resume_other_size_run):
 
 def test_resumed_run_dir_holds_the_best_checkpoint(resumed_run):
     assert (run_dir_ok(resumed_run) / "checkpoints" / "best.pt").is_file()
+
+
+def test_test_split_missing_is_an_error_before_training(run_cli, tmp_path):
+    train = tmp_path / "images" / "train"
+    for label in ("a", "b"):
+        (train / label).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(train / label / f"{i}.png")
+    result = run_cli(["data=imagefolder", f"data.root={tmp_path / 'images'}", f"data.cache_dir={tmp_path / 'cache'}",
+                      "data.val_fraction=0.5", "model=linear", "trainer.test=true"], tmp_path)
+    assert result.returncode == 2, result.stdout
+    assert "has no test split; set trainer.test=false" in result.stdout
+    assert "epoch 1/" not in result.stdout and not list(tmp_path.rglob("last.pt"))

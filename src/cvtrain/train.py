@@ -142,6 +142,8 @@ def train(cfg, run_dir: Path, choices: dict | None = None) -> dict:
         raise UserError(f"trainer.epochs={cfg.trainer.epochs}: train for at least 1 epoch")
     augment = BatchAugment(cfg.aug)  # checks the aug values before any data is loaded
     data = load_data(cfg.data, device)  # data.preprocess is fitted on the training split (whitening on device)
+    if cfg.trainer.test and data.test is None:  # say so now, not after the last epoch
+        raise UserError(f"data.source={cfg.data.source} has no test split; set trainer.test=false")
     if cfg.trainer.sanity:
         require_sanity(cfg, data, device)  # initial loss, regularization, overfit a tiny subset
     model = build_model(cfg, data.shape, data.num_classes).to(device)
@@ -291,8 +293,6 @@ def _visualize(model, data, val_loader, writer, run_dir, step, weights: str) -> 
 
 def _test(cfg, model, data, loss_fn, device, weights: str) -> float:
     """Accuracy of `model` (holding the `weights` checkpoint) on the test split."""
-    if data.test is None:
-        raise UserError(f"data.source={cfg.data.source} has no test split; set trainer.test=false")
     loader = InMemoryLoader(data.test, cfg.data.eval_batch_size, device=device, preprocess=data.preprocess)
     test_loss, test_acc = evaluate(model, loader, loss_fn)
     log.info("test (%s model): loss %.4f acc %.2f%% on %d images", weights, test_loss, 100 * test_acc,
