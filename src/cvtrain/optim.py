@@ -171,9 +171,6 @@ class Schedule:
             self.plateau.update({"val_loss": val_loss, "val_acc": val_acc}[self.plateau.monitor])
         self._apply()
 
-    def get_last_lr(self) -> list:
-        return [group["lr"] for group in self.optimizer.param_groups]
-
     def state_dict(self) -> dict:
         """Plain numbers only (torch.load(weights_only=True) reads it); the shape of the schedule
         (optim.lr, trainer.epochs, the sched values) comes from the run that loads it."""

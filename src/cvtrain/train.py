@@ -141,9 +141,8 @@ def train(cfg, run_dir: Path, choices: dict | None = None) -> dict:
     if cfg.trainer.epochs < 1:
         raise UserError(f"trainer.epochs={cfg.trainer.epochs}: train for at least 1 epoch")
     augment = BatchAugment(cfg.aug)  # checks the aug values before any data is loaded
-    data = load_data(cfg.data, device)  # data.preprocess is fitted on the training split (whitening on device)
-    if cfg.trainer.test and data.test is None:  # say so now, not after the last epoch
-        raise UserError(f"data.source={cfg.data.source} has no test split; set trainer.test=false")
+    # data.preprocess is fitted on the training split (whitening on device)
+    data = load_data(cfg.data, device, need_test=cfg.trainer.test)
     if cfg.trainer.sanity:
         require_sanity(cfg, data, device)  # initial loss, regularization, overfit a tiny subset
     model = build_model(cfg, data.shape, data.num_classes).to(device)

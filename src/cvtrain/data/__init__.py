@@ -51,12 +51,15 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int):
     return torch.nonzero(keep).flatten(), val
 
 
-def load_data(data_cfg, device=None) -> DataBundle:
-    """The configured splits, with data.preprocess fitted on the training split (on `device`, default CPU)."""
+def load_data(data_cfg, device=None, need_test: bool = False) -> DataBundle:
+    """The configured splits, with data.preprocess fitted on the training split (on `device`, default CPU).
+    `need_test` (trainer.test=true): a source without a test split is an error now, before any training."""
     preprocess = Preprocessor(data_cfg.get("preprocess", "standardize"), data_cfg.get("whiten_eps", 1e-2))
     if data_cfg.source not in SOURCES:
         raise UserError(f"data.source='{data_cfg.source}' is unknown; choose one of {sorted(SOURCES)}")
     source: Source = SOURCES[data_cfg.source](data_cfg)
+    if need_test and source.test is None:
+        raise UserError(f"data.source={data_cfg.source} has no test split; set trainer.test=false")
     train, val = source.train, source.val
     if val is None:
         if not 0 < data_cfg.val_fraction < 1:

@@ -81,7 +81,7 @@ def run_knn(cfg, run_dir: Path, device: torch.device, logger_factory) -> dict:
     if folds == 1 or folds < 0:
         raise UserError(f"model.cv_folds={folds}: use 0 (no cross-validation) or 2 and more")
     start = time.perf_counter()
-    data = load_data(cfg.data, device)
+    data = load_data(cfg.data, device, need_test=cfg.trainer.test)
     train_x, train_y = _preprocessed(data.train, data.preprocess, device)
     val_x, val_y = _preprocessed(data.val, data.preprocess, device)
     ks = sorted(set(K_GRID) | {knn.k})
@@ -117,8 +117,6 @@ def run_knn(cfg, run_dir: Path, device: torch.device, logger_factory) -> dict:
                  ", ".join(f"k={k}: {100 * a:.2f}%" for k, a in cv_mean.items()))
 
     if cfg.trainer.test:
-        if data.test is None:
-            raise UserError(f"data.source={cfg.data.source} has no test split; set trainer.test=false")
         test_x, test_y = _preprocessed(data.test, data.preprocess, device)
         summary["test_acc"] = (knn.predict(test_x) == test_y).float().mean().item()
     summary["train_time_s"] = round(time.perf_counter() - start, 3)
