@@ -14,7 +14,8 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from cvtrain.config import register_configs
 from cvtrain.data import load_data
-from cvtrain.models.knn import KNNClassifier, _preprocessed
+from cvtrain.models.knn import KNNClassifier
+from cvtrain.tasks.knn import preprocessed
 
 
 def main():
@@ -28,8 +29,8 @@ def main():
         cfg = compose("config", overrides=list(overrides))
     data = load_data(cfg.data)
     cpu = torch.device("cpu")
-    train_x, train_y = _preprocessed(data.train, data.preprocess, cpu)  # data.preprocess, as cvtrain's kNN
-    val_x, val_y = _preprocessed(data.val, data.preprocess, cpu)
+    train_x, train_y = preprocessed(data.train, data.preprocess, cpu)  # data.preprocess, as cvtrain's kNN
+    val_x, val_y = preprocessed(data.val, data.preprocess, cpu)
     if args.queries:
         val_x, val_y = val_x[: args.queries], val_y[: args.queries]
     print(f"{len(train_y)} training vectors of {train_x[0].numel()} values, {len(val_y)} queries, "

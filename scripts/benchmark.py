@@ -20,15 +20,17 @@ import torch
 from hydra import compose, initialize_config_module
 
 from cvtrain.config import register_configs
-from cvtrain.data import InMemoryLoader, load_data
+from cvtrain.data import load_data
+from cvtrain.device import resolve_device
+from cvtrain.models import build_model
 from cvtrain.optim import build_optimizer
-from cvtrain.train import build_model, resolve_device, train
+from cvtrain.tasks.train import train
 
 
 def plain_loop_images_per_s(cfg, data, device) -> float:
     """What one would write by hand: shuffle, slice, normalize, forward, backward, step."""
     torch.manual_seed(cfg.trainer.seed)
-    model = build_model(cfg, data.shape, data.num_classes).to(device)
+    model = build_model(cfg.model, data.shape, data.num_classes).to(device)
     optimizer = build_optimizer(cfg.optim, model)
     loss_fn = torch.nn.CrossEntropyLoss()
     images, labels = data.train.images.to(device), data.train.labels.to(device)
@@ -60,7 +62,7 @@ def main():
                                            "trainer.progress=false", *overrides])
     device = resolve_device(cfg.trainer.device)
     data = load_data(cfg.data)
-    print(f"model={cfg.model.name} data={cfg.data.source} {len(data.train)} train images, "
+    print(f"model={cfg.model.name} data={cfg.data.name} {len(data.train)} train images, "
           f"batch {cfg.data.batch_size}, device {device}, monitor_every={cfg.trainer.monitor_every}, "
           f"torch threads {torch.get_num_threads()}")
     plain_loop_images_per_s(cfg, data, device)  # warm-up: allocator, kernels, caches

@@ -27,6 +27,8 @@ import yaml
 
 from cvtrain import UserError
 from cvtrain.config import NOT_HPARAMS, SYNTHETIC_ONLY
+from cvtrain.monitor import flatten_config
+from cvtrain.table import format_table
 
 CHOICES = ["data", "model", "optim", "sched", "aug"]
 OTHER_CHOICES = ["loss", "reg", "experiment", "trainer"]  # shown when they differ
@@ -45,17 +47,6 @@ def find_runs(root: Path) -> list[Path]:
     return sorted(runs)
 
 
-def flatten(node, prefix: str = "") -> dict:
-    """A nested config as {"optim.lr": 0.001, ...}; lists stay lists."""
-    out = {}
-    for key, value in (node or {}).items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _yaml(path: Path):
     return yaml.safe_load(path.read_text()) if path.is_file() else None
 
@@ -63,13 +54,16 @@ def _yaml(path: Path):
 def read_run(run_dir: Path, root: Path) -> dict:
     """One run as a flat dict: run, overrides, its choices, its config keys, its results."""
     hydra_dir = run_dir / ".hydra"
-    config = flatten({k: v for k, v in (_yaml(hydra_dir / "config.yaml") or {}).items() if k != "hydra"})
-    if config.get("data.source") != "synthetic":  # these keys mean nothing for real data
+    config = flatten_config({k: v for k, v in (_yaml(hydra_dir / "config.yaml") or {}).items() if k != "hydra"})
+    if "data.source" in config:  # a run of cvtrain before data.source was renamed data.name
+        config["data.name"] = config.pop("data.source")
+    config = {k: v for k, v in config.items() if not k.startswith("task.")}  # what the command did, not how
+    if config.get("data.name") != "synthetic":  # these keys mean nothing for real data
         config = {k: v for k, v in config.items() if k not in SYNTHETIC_ONLY}
     hydra = (_yaml(hydra_dir / "hydra.yaml") or {}).get("hydra", {})
     choices = {group: str(choice) for group, choice in hydra.get("runtime", {}).get("choices", {}).items()
-               if not group.startswith("hydra")}
-    choices.setdefault("data", config.get("data.source"))  # a run dir without hydra.yaml: what the config says
+               if not group.startswith("hydra") and group != "task"}
+    choices.setdefault("data", config.get("data.name"))  # a run dir without hydra.yaml: what the config says
     choices.setdefault("model", config.get("model.name"))
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else None
     metrics_file = run_dir / "metrics.jsonl"
@@ -166,16 +160,11 @@ def format_value(column: str, value, raw: bool = False) -> str:
     return str(value)
 
 
-def format_table(columns: list, runs: list) -> str:
-    cells = [[format_value(c, r.get(c)) for c in columns] for r in runs]
-    numeric = [all(isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool)
-                   for r in runs if r.get(c) is not None) and c != "run" for c in columns]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-
-    def line(values):
-        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
-
-    return "\n".join([line(columns), line(["-" * w for w in widths]), *map(line, cells)])
+def runs_table(columns: list, runs: list) -> str:
+    """The table: numeric columns right-aligned."""
+    numeric = [i for i, c in enumerate(columns) if c != "run" and all(
+        isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool) for r in runs if r.get(c) is not None)]
+    return format_table(columns, [[format_value(c, r.get(c)) for c in columns] for r in runs], right=numeric)
 
 
 def compare(roots: list, sort: str = "run", descending: bool = False, columns: list = None, filters=(),
@@ -202,7 +191,7 @@ def compare(roots: list, sort: str = "run", descending: bool = False, columns: l
         csv.writer(out, lineterminator="\n").writerows(
             [columns] + [[format_value(c, r.get(c), raw=True) for c in columns] for r in runs])
         return out.getvalue().rstrip("\n")
-    return format_table(columns, runs)
+    return runs_table(columns, runs)
 
 
 def main(argv=None) -> int:

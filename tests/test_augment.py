@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from cvtrain import UserError
-from cvtrain.augviz import augmented_grid
 from cvtrain.config import AugConfig
 from cvtrain.data import BatchAugment, InMemoryLoader, Split
 from cvtrain.data.augment import (LUMA, BatchMix, color_jitter, cutmix, mix_generator, mixup, pca_color,
                                   random_affine, random_crop, random_erasing, random_grayscale, random_hflip,
-                                  random_resized_crop, random_vflip, rgb_pca, soft_targets)
+                                  random_vflip, rgb_pca, soft_targets)
+from cvtrain.tasks.augviz import augmented_grid
 
 PRESETS = ["none", "flip", "cifar", "alexnet", "strong"]
 AUGVIZ_ARGS = ["task=augviz", "aug=cifar", "data=synthetic", "data.image_size=16", "data.num_samples=64"]
@@ -65,11 +65,12 @@ def center_of_mass(x):
 # --- every op: shape, dtype, range, seeding ------------------------------------------------------
 
 LABELS = torch.arange(24) % 10
+ERASING_SCALE, ERASING_RATIO = tuple(AugConfig().erasing_scale), tuple(AugConfig().erasing_ratio)
 OPS = {
     "hflip": lambda x, g: random_hflip(x, g),
     "vflip": lambda x, g: random_vflip(x, g),
     "crop": lambda x, g: random_crop(x, 3, g),
-    "resized_crop": lambda x, g: random_resized_crop(x, g),
+    "resized_crop": lambda x, g: random_affine(x, g, crop_scale=(0.08, 1.0), crop_ratio=(0.75, 1.3333)),
     "rotation": lambda x, g: random_affine(x, g, degrees=30),
     "translate": lambda x, g: random_affine(x, g, translate=0.2),
     "shear": lambda x, g: random_affine(x, g, shear=20),
@@ -80,7 +81,7 @@ OPS = {
     "hue": lambda x, g: color_jitter(x, g, hue=0.5),
     "grayscale": lambda x, g: random_grayscale(x, g, 0.5),
     "pca_color": lambda x, g: pca_color(x, g, 1.0),
-    "erasing": lambda x, g: random_erasing(x, g, 0.5),
+    "erasing": lambda x, g: random_erasing(x, g, 0.5, ERASING_SCALE, ERASING_RATIO),
     "mixup": lambda x, g: mixup(x, LABELS, g, 1.0)[0],
     "cutmix": lambda x, g: cutmix(x, LABELS, g, 1.0)[0],
 }
@@ -195,7 +196,7 @@ def test_random_crop_is_an_exact_integer_shift():
 @pytest.mark.parametrize("h, w", [(12, 12), (9, 15)])
 def test_resized_crop_of_the_whole_image_is_the_identity(h, w):
     x = rand(8, 3, h, w)
-    out = random_resized_crop(x, gen(), scale=(1.0, 1.0), ratio=(w / h, w / h))
+    out = random_affine(x, gen(), crop_scale=(1.0, 1.0), crop_ratio=(w / h, w / h))
     assert torch.allclose(out, x, atol=1e-5)
 
 
@@ -203,7 +204,7 @@ def test_resized_crop_scales_a_window_up():
     size, b = 24, 16
     ramps = torch.stack([(torch.arange(size * 1.0) / (size - 1)).expand(size, size)] * 2)  # x ramp, y ramp
     x = torch.cat([ramps[:1], ramps[1:].transpose(1, 2), torch.full((1, size, size), 0.5)]).expand(b, 3, size, size)
-    out = random_resized_crop(x, gen(), scale=(0.25, 0.25), ratio=(1.0, 1.0))  # a half-side window
+    out = random_affine(x, gen(), crop_scale=(0.25, 0.25), crop_ratio=(1.0, 1.0))  # a half-side window
     inner = out[..., 1:-1, 1:-1]  # the outer ring may sample between the last pixel center and the edge
     slope = 0.5 / (size - 1)
     assert torch.allclose(inner[:, 0].diff(dim=2), torch.full((b, size - 2, size - 3), slope), atol=1e-4)
@@ -360,7 +361,7 @@ def _erased_box(changed):
 
 def test_random_erasing_fills_one_rectangle_and_leaves_the_rest():
     x = rand(64, 3, 32, 32)
-    out = random_erasing(x, gen(), p=1.0, value=0.25)
+    out = random_erasing(x, gen(), 1.0, ERASING_SCALE, ERASING_RATIO, value=0.25)
     for o, xi in zip(out, x):
         changed = (o != xi).any(0)
         assert torch.equal((o != xi).all(0), changed)  # all channels, or none
@@ -373,7 +374,7 @@ def test_random_erasing_fills_one_rectangle_and_leaves_the_rest():
 
 def test_random_erasing_fills_with_the_batch_mean_color_by_default():
     x = rand(16, 3, 16, 16)
-    out = random_erasing(x, gen(), p=1.0)
+    out = random_erasing(x, gen(), 1.0, ERASING_SCALE, ERASING_RATIO)
     mean = x.mean((0, 2, 3))
     for o, xi in zip(out, x):
         changed = (o != xi).any(0)
@@ -382,8 +383,8 @@ def test_random_erasing_fills_with_the_batch_mean_color_by_default():
 
 def test_random_erasing_probability():
     x = rand(400, 3, 8, 8)
-    assert torch.equal(random_erasing(x, gen(), p=0.0), x)
-    erased = (random_erasing(x, gen(), p=0.5) != x).flatten(1).any(1)
+    assert torch.equal(random_erasing(x, gen(), 0.0, ERASING_SCALE, ERASING_RATIO), x)
+    erased = (random_erasing(x, gen(), 0.5, ERASING_SCALE, ERASING_RATIO) != x).flatten(1).any(1)
     assert 150 < erased.sum() < 250
 
 

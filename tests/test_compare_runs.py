@@ -16,10 +16,10 @@ spec = importlib.util.spec_from_file_location("compare_runs", SCRIPT)
 compare_runs = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(compare_runs)
 
-BASE = {"task": "train",
-        "data": {"source": "digits", "batch_size": 64, "cache_dir": "~/.cache/cvtrain", "num_samples": 1000},
-        "model": {"name": "lenet", "init": "default"},
-        "optim": {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 0.001},
+BASE = {"task": {"name": "train"},
+        "data": {"name": "digits", "batch_size": 64, "cache_dir": "~/.cache/cvtrain", "num_samples": 1000},
+        "model": {"name": "lenet", "init": "native"},
+        "optim": {"name": "adam", "lr": 0.001},
         "trainer": {"epochs": 10, "seed": 0, "progress": True}}
 
 
@@ -33,7 +33,8 @@ def make_run(root, name, choices, summary=None, metrics=(), **changes):
         config[group][leaf] = value
     (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
     all_choices = {"data": "digits", "model": "lenet", "optim": "adam", "sched": "cosine", "aug": "none",
-                   "loss": "cross_entropy", "reg": "none", "trainer": "default", "hydra/launcher": "basic", **choices}
+                   "loss": "cross_entropy", "reg": "none", "trainer": "default", "task": "train", "hydra/launcher": "basic",
+                   **choices}
     (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": all_choices}}}))
     (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"{k}={v}" for k, v in choices.items()]))
     (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
@@ -59,12 +60,12 @@ def outputs(tmp_path):
     make_run(root, "multirun/2026-01-02_09-00-00/0_digits_lenet_sgd", {"optim": "sgd"},
              {"status": "diverged", "reason": "the loss became nan at step 3", "epochs_completed": 0,
               "best_val_acc": None, "params": 1256080}, **{"optim.lr": 1.0})
-    make_run(root, "multirun/2026-01-02_09-00-00/1_digits_knn_adam", {"model": "knn"},  # kNN: no status key
-             {"best_val_acc": 0.91, "k": 5, "epochs": 0, "params": 0, "train_time_s": 0.5, "final_val_acc": 0.91},
+    make_run(root, "multirun/2026-01-02_09-00-00/1_digits_knn", {"model": "knn"},
+             {"status": "completed", "best_val_acc": 0.91, "k": 5, "epochs": 0, "params": 0, "train_time_s": 0.5, "final_val_acc": 0.91},
              **{"model.name": "knn", "model.k": 5})
     make_run(root, "2026-01-03/08-00-00_digits_lenet_adam", {"trainer.seed": 1},  # no summary yet: running
              None, [epoch(1, 0.5), epoch(2, 0.6)], **{"trainer.seed": 1})
-    (root / "2026-01-03" / "08-30-00_digits_lenet_adam" / ".hydra").mkdir(parents=True)  # task=summary: no run
+    (root / "2026-01-03" / "08-30-00_summary_digits_lenet" / ".hydra").mkdir(parents=True)  # task=summary: no run
     return root
 
 
@@ -85,7 +86,7 @@ def test_every_run_is_listed_with_its_status_and_results(outputs):
                     "train_time_s": "21.4"} == lenet
     diverged = rows["multirun/2026-01-02_09-00-00/0_digits_lenet_sgd"]
     assert (diverged["status"], diverged["best_val_acc"], diverged["epochs"]) == ("diverged", "-", "0")
-    knn = rows["multirun/2026-01-02_09-00-00/1_digits_knn_adam"]
+    knn = rows["multirun/2026-01-02_09-00-00/1_digits_knn"]
     assert (knn["status"], knn["model"], knn["best_val_acc"], knn["epochs"]) == ("completed", "knn", "91.00%", "0")
     running = rows["2026-01-03/08-00-00_digits_lenet_adam"]
     assert (running["status"], running["best_val_acc"], running["epochs"], running["train_time_s"]) == \
@@ -152,7 +153,7 @@ def test_command_line(outputs, tmp_path):
     missing = run("nowhere")
     assert missing.returncode == 2 and "nowhere is not a directory" in missing.stderr
     assert "Traceback" not in missing.stderr
-    empty = run(str(outputs / "2026-01-03" / "08-30-00_digits_lenet_adam"))
+    empty = run(str(outputs / "2026-01-03" / "08-30-00_summary_digits_lenet"))
     assert empty.returncode == 2 and "no runs under" in empty.stderr
 
 

@@ -1,4 +1,7 @@
-"""Every config group option composes and builds; typed groups reject typos; schedules have the right shape."""
+"""Every config group option composes and builds; the groups follow one convention (`name:` picks,
+typed schemas hold every default once, no `_target_`); typed groups reject typos; schedules have
+the right shape."""
+import dataclasses
 import importlib.resources
 import math
 
@@ -9,8 +12,10 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from cvtrain import UserError
-from cvtrain.optim import Schedule, build_optimizer, build_scheduler
-from cvtrain.train import build_model
+from cvtrain.config import AugConfig, DataConfig, RegConfig, TrainerConfig
+from cvtrain.losses import LOSSES, build_loss
+from cvtrain.models import build_model, list_models, model_kind
+from cvtrain.optim import OPTIMIZERS, SCHEDULES, Schedule, build_optimizer, build_scheduler
 
 CONFIG_DIR = importlib.resources.files("cvtrain.configs")
 GROUPS = sorted(d.name for d in CONFIG_DIR.iterdir() if d.is_dir() and not d.name.startswith("__"))
@@ -18,7 +23,8 @@ OPTIONS = {group: sorted(f.name.removesuffix(".yaml") for f in (CONFIG_DIR / gro
                          if f.name.endswith(".yaml"))
            for group in GROUPS}
 GEOMETRIES = [(1, 28, 28), (3, 32, 32)]
-NOT_MODULES = {"knn"}  # non-parametric models: no nn.Module, train() runs them apart
+CHOICE_GROUPS = ("model", "loss", "optim", "sched", "data")  # `name:` picks one of several things
+SCHEMAS = {"data": DataConfig, "aug": AugConfig, "reg": RegConfig, "trainer": TrainerConfig}  # typed settings
 
 
 def options_of(*groups):
@@ -47,6 +53,66 @@ def test_groups_are_all_covered():
     assert all(OPTIONS[group] for group in GROUPS), OPTIONS
 
 
+# --- one convention ------------------------------------------------------------------------------
+
+def config_files():
+    """Every YAML file under configs/, at any depth."""
+    def walk(node):
+        for child in node.iterdir():
+            if child.is_dir():
+                yield from walk(child)
+            elif child.name.endswith(".yaml"):
+                yield child
+    return sorted(walk(CONFIG_DIR), key=str)
+
+
+def test_no_config_has_a_target():
+    """Nothing is instantiated by Hydra: no `_target_` (nor `_partial_`) anywhere under configs/."""
+    files = config_files()
+    assert len(files) > 20
+    offenders = [str(f) for f in files if "_target_" in f.read_text() or "_partial_" in f.read_text()]
+    assert not offenders
+
+
+REGISTRIES = {"loss": LOSSES, "optim": OPTIMIZERS, "sched": SCHEDULES}
+
+
+@pytest.mark.parametrize("group,option", options_of(*CHOICE_GROUPS))
+def test_choice_option_names_what_it_picks(group, option):
+    preset, _, own = load_option(group, option)
+    own = own[group] if preset else own  # model=svm: `@package _global_`, its model node under model:
+    assert "name" in own, f"{group}/{option}.yaml has no name:"
+    known = list_models() if group == "model" else REGISTRIES.get(group)
+    if known is not None:
+        assert own.name in known
+
+
+@pytest.mark.parametrize("group,option", options_of(*SCHEMAS))
+def test_option_sets_only_what_differs_from_the_schema(group, option):
+    """One copy of every default: the schema's. An option file of a typed group sets a key only to
+    change it, and every key it sets is a schema field."""
+    _, defaults, own = load_option(group, option)
+    assert not defaults, f"{group}/{option}.yaml: the schema is the base, no defaults list needed"
+    schema = OmegaConf.to_container(OmegaConf.structured(SCHEMAS[group]))  # a required field: "???"
+    for key, value in OmegaConf.to_container(own).items():
+        assert key in schema, f"{group}.{key} is not a field of {SCHEMAS[group].__name__}"
+        assert schema[key] != value, f"{group}/{option}.yaml repeats the schema's default {group}.{key}={value}"
+
+
+@pytest.mark.parametrize("group", ["aug", "reg", "trainer"])
+def test_default_options_are_the_schema(compose_config, group):
+    """aug=none, reg=none and trainer=default add nothing to their schema."""
+    default = {"aug": "none", "reg": "none", "trainer": "default"}[group]
+    assert compose_config([f"{group}={default}"])[group] == OmegaConf.structured(SCHEMAS[group])
+
+
+def test_every_data_option_sets_its_source():
+    assert dataclasses.fields(DataConfig)[0].name == "name"
+    assert OmegaConf.is_missing(OmegaConf.structured(DataConfig), "name")
+    for option in OPTIONS["data"]:
+        assert load_option("data", option)[2].name == option
+
+
 @pytest.mark.parametrize("group,option", options_of(*GROUPS))
 def test_option_composes_with_its_values(compose_config, group, option):
     """Selecting GROUP=OPTION gives the option's values; a preset (experiment, model=svm, ...)
@@ -72,9 +138,9 @@ def test_option_composes_with_its_values(compose_config, group, option):
 @pytest.mark.parametrize("group,option", options_of("model"))
 def test_model_builds_and_runs_forward(compose_config, group, option, shape):
     cfg = compose_config([f"model={option}"])
-    if cfg.model.name in NOT_MODULES:
+    if model_kind(cfg.model.name) == "fitted":
         pytest.skip(f"model.name={cfg.model.name} is not an nn.Module")
-    model = build_model(cfg, shape, num_classes=7)
+    model = build_model(cfg.model, shape, num_classes=7)
     model.eval()
     with torch.no_grad():
         out = model(torch.randn(5, *shape))
@@ -85,15 +151,16 @@ def test_model_builds_and_runs_forward(compose_config, group, option, shape):
 def test_model_builder_rejects_unknown_option(compose_config):
     cfg = compose_config(["model=linear", "+model.depth=3"])
     with pytest.raises(UserError, match="depth"):
-        build_model(cfg, (1, 28, 28), 10)
+        build_model(cfg.model, (1, 28, 28), 10)
 
 
 @pytest.mark.parametrize("group,option", options_of("optim"))
 def test_optimizer_builds_and_steps(compose_config, group, option):
     cfg = compose_config([f"optim={option}"])
-    model = build_model(compose_config(["model=linear"]), (1, 28, 28), 10)
+    model = build_model(compose_config(["model=linear"]).model, (1, 28, 28), 10)
     optimizer = build_optimizer(cfg.optim, model)
-    assert type(optimizer).__name__.lower() == {"momentum": "sgd", "nesterov": "sgd"}.get(option, option)
+    assert type(optimizer) is OPTIMIZERS[cfg.optim.name]
+    assert cfg.optim.name == {"momentum": "sgd", "nesterov": "sgd"}.get(option, option)
     assert optimizer.param_groups[0]["lr"] == cfg.optim.lr
     before = [p.detach().clone() for p in model.parameters()]
     model(torch.randn(4, 1, 28, 28)).logsumexp(1).mean().backward()
@@ -113,6 +180,55 @@ def test_scheduler_builds(compose_config, group, option):
         scheduler.step_batch()
     scheduler.step_epoch(val_loss=1.0, val_acc=0.5)
     assert 0 < optimizer.param_groups[0]["lr"] <= 0.1
+
+
+@pytest.mark.parametrize("group,option", options_of("loss"))
+def test_loss_builds(compose_config, group, option):
+    loss = build_loss(compose_config([f"loss={option}"]).loss)
+    value = loss(torch.randn(4, 3, requires_grad=True), torch.tensor([0, 1, 2, 0]))
+    assert value.shape == () and torch.isfinite(value)
+
+
+# --- `name:` groups reject what their target does not take -------------------------------------
+
+def a_model():
+    return torch.nn.Linear(2, 2)
+
+
+def an_optimizer():
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+
+
+@pytest.mark.parametrize("build,override,match", [
+    (lambda cfg: build_optimizer(cfg.optim, a_model()), "+optim.momentun=0.9",
+     r"optim.momentun: not an argument of optim=adam; its keys are lr, betas, .*decay_norm_and_bias"),
+    (lambda cfg: build_scheduler(cfg.sched, an_optimizer(), 3, 4), "+sched.gamma=0.1",
+     r"sched.gamma: not an argument of sched=cosine; its keys are warmup_epochs, min_lr_ratio, interval$"),
+    (lambda cfg: build_loss(cfg.loss), "+loss.margin=1.0",
+     r"loss.margin: not an argument of loss=cross_entropy; its keys are .*label_smoothing"),
+], ids=["optim", "sched", "loss"])
+def test_unknown_key_is_a_user_error_naming_the_valid_ones(compose_config, build, override, match):
+    with pytest.raises(UserError, match=match):
+        build(compose_config([override]))
+
+
+@pytest.mark.parametrize("build,group,registry", [
+    (lambda node: build_optimizer(node, a_model()), "optim", OPTIMIZERS),
+    (lambda node: build_scheduler(node, an_optimizer(), 3, 4), "sched", SCHEDULES),
+    (build_loss, "loss", LOSSES),
+], ids=["optim", "sched", "loss"])
+def test_unknown_name_is_a_user_error_listing_the_names(compose_config, build, group, registry):
+    node = compose_config([])[group]
+    node.name = "nadam"
+    with pytest.raises(UserError, match=f"{group}.name=nadam is unknown; choose one of {', '.join(registry)}$"):
+        build(node)
+
+
+def test_missing_argument_is_a_user_error(compose_config):
+    with pytest.raises(UserError, match="sched=step needs sched.every_epochs"):
+        build_scheduler(compose_config(["sched=step", "~sched.every_epochs"]).sched, an_optimizer(), 3, 4)
+    with pytest.raises(UserError, match="optim=sgd needs optim.decay_norm_and_bias"):
+        build_optimizer(compose_config(["optim=sgd", "~optim.decay_norm_and_bias"]).optim, a_model())
 
 
 # --- typed groups reject mistakes ------------------------------------------------------

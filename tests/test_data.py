@@ -9,7 +9,8 @@ from PIL import Image
 import cvtrain.data.sources as sources
 from cvtrain import UserError
 from cvtrain.config import AugConfig, DataConfig
-from cvtrain.data import BatchAugment, InMemoryLoader, Split, channel_stats, load_data, stratified_split
+from cvtrain.data import (BatchAugment, InMemoryLoader, Split, channel_stats, epoch_seed, load_data,
+                          stratified_split)
 from cvtrain.data.augment import random_crop, random_hflip
 
 
@@ -63,6 +64,11 @@ def make_loader(split, **kwargs):
     return InMemoryLoader(split, 16, mean, std, torch.device("cpu"), **kwargs)
 
 
+def test_epoch_seed_is_the_loaders():
+    assert epoch_seed(3, 2) == 3 * 100_003 + 2
+    assert len({epoch_seed(seed, epoch) for seed in range(10) for epoch in range(1000)}) == 10_000
+
+
 def epoch_labels(loader, epoch):
     loader.set_epoch(epoch)
     return torch.cat([y for _, y in loader]).tolist()
@@ -82,7 +88,8 @@ def test_loader_normalizes(split):
     torch.testing.assert_close(x.mean((0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
     torch.testing.assert_close(x.std((0, 2, 3), unbiased=False), torch.ones(3), atol=1e-4, rtol=0)
     # unshuffled: batch i holds images i*16.. in order, each (pixel/255 - mean) / std
-    expected = (split.images.float() / 255 - loader.mean) / loader.std
+    mean, std = channel_stats(split.images)
+    expected = (split.images.float() / 255 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
     torch.testing.assert_close(x, expected)
 
 
@@ -149,7 +156,7 @@ def test_random_crop_cuts_a_window_of_the_padded_image(batch):
 # --- the embedded digits -------------------------------------------------------------------
 
 def test_embedded_digits():
-    source = sources.load_digits(data_config())
+    source = sources.load_digits(data_config(name="digits"))
     assert source.val is None
     assert source.classes == [str(c) for c in range(10)]
     for split, n in ((source.train, 4000), (source.test, 1000)):
@@ -177,7 +184,7 @@ def write_tree(root, sizes=None, per_class=4):
 
 
 def imagefolder_config(tmp_path, root, **fields):
-    return data_config(source="imagefolder", root=str(root), cache_dir=str(tmp_path / "cache"),
+    return data_config(name="imagefolder", root=str(root), cache_dir=str(tmp_path / "cache"),
                        val_fraction=0.25, **fields)
 
 
@@ -245,13 +252,25 @@ def test_imagefolder_root_is_required(compose_config):
 
 # --- torchvision datasets offline ----------------------------------------------------------
 
+def test_unknown_source_and_missing_test_split_are_user_errors(compose_config):
+    with pytest.raises(UserError, match="data.name=celeba is unknown; choose one of digits, synthetic"):
+        load_data(compose_config(["data.name=celeba"]).data)
+    with pytest.raises(UserError, match="data=synthetic has no test split; set trainer.test=false"):
+        load_data(compose_config(["data=synthetic", "data.num_test=0", "data.num_samples=40"]).data, need_test=True)
+
+
+def test_torchvision_source_needs_a_root(compose_config):
+    with pytest.raises(UserError, match="data=mnist needs data.root"):
+        load_data(compose_config(["data=mnist", "data.root=null"]).data)
+
+
 def test_torchvision_source_lists_missing_files(tmp_path):
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
     (raw / "train-images-idx3-ubyte").touch()
     (raw / "t10k-images-idx3-ubyte.gz").touch()  # the compressed file counts too
     with pytest.raises(UserError) as err:
-        sources.load_torchvision(data_config(source="mnist", root=str(tmp_path), download=False))
+        sources.load_torchvision(data_config(name="mnist", root=str(tmp_path), download=False))
     message = str(err.value)
     assert "train-labels-idx1-ubyte" in message and "t10k-labels-idx1-ubyte" in message
     assert "train-images-idx3-ubyte" not in message and "t10k-images-idx3-ubyte" not in message

@@ -6,10 +6,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cvtrain.diagnostics import (FAIL, PASS, SKIP, check_initial_loss, check_overfit, check_regularization,
-                                 expected_initial_loss, gradcheck, gradcheck_task, gradcheck_verdict, relative_error,
-                                 sanity_checks, tiny_subset, verdict)
+from cvtrain import ChecksFailed
 from cvtrain.losses import Regularizer, build_loss
+from cvtrain.tasks import gradcheck as gradcheck_task
+from cvtrain.tasks.gradcheck import gradcheck, gradcheck_verdict, relative_error
+from cvtrain.tasks.sanity import (FAIL, PASS, SKIP, Check, check_initial_loss, check_overfit, check_regularization,
+                                  expected_initial_loss, sanity_checks, tiny_subset, verdict)
 
 SYNTHETIC = ["data=synthetic", "data.image_size=32", "data.channels=3", "trainer.device=cpu"]
 
@@ -67,6 +69,8 @@ def test_initial_loss_passes_for_a_correct_model_and_fails_for_a_loss_scaled_by_
     torch.manual_seed(0)
     x, y = blobs(classes=4)
     model = TwoLayer()
+    with torch.no_grad():
+        model.fc2.weight.mul_(0.01)  # a small output layer, as every cvtrain init gives
     expected = (math.log(4), "ln(4)")
     good = check_initial_loss(model, nn.CrossEntropyLoss(), x, y, expected)
     assert good.status == PASS, good.line
@@ -77,6 +81,16 @@ def test_initial_loss_passes_for_a_correct_model_and_fails_for_a_loss_scaled_by_
     before = [p.clone() for p in model.parameters()]
     check_initial_loss(model, nn.CrossEntropyLoss(), x, y, expected)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_initial_loss_is_judged_at_the_real_init_so_large_initial_scores_fail():
+    torch.manual_seed(0)
+    x, y = blobs(classes=4)
+    model = TwoLayer()
+    with torch.no_grad():
+        model.fc2.weight.mul_(30)  # scores of std ~10: the loss is far above ln(4), and the check says so
+    check = check_initial_loss(model, nn.CrossEntropyLoss(), x, y, (math.log(4), "ln(4)"))
+    assert check.status == FAIL and "scale down the final layer" in check.detail, check.line
 
 
 # --- check 2: regularization --------------------------------------------------------------------
@@ -133,7 +147,6 @@ def test_sanity_checks_pass_on_the_default_model_and_keep_the_rng(compose_config
 
 
 def test_verdict_names_the_failed_checks():
-    from cvtrain.diagnostics import Check
     ok, line = verdict([Check(PASS, "a", ""), Check(FAIL, "overfit a tiny subset", "")])
     assert not ok and "1 of 2" in line and "overfit a tiny subset" in line
 
@@ -183,15 +196,24 @@ SLOW_FAMILIES = ["vgg11 model.batch_norm=true", "vgg16", "resnet18", "resnet50",
 @pytest.mark.parametrize("model", FAST_FAMILIES + [pytest.param(m, marks=pytest.mark.slow) for m in SLOW_FAMILIES])
 def test_gradcheck_passes_on_every_model_family(compose_config, model):
     name, *options = model.split()
-    cfg = compose_config([f"model={name}", *options, *SYNTHETIC])
+    cfg = compose_config(["task=gradcheck", "task.entries=1", "task.examples=2", f"model={name}", *options, *SYNTHETIC])
     lines = []
-    assert gradcheck_task(cfg, emit=lines.append, entries=1, examples=2), "\n".join(lines)
+    gradcheck_task.run(cfg, None, emit=lines.append)  # raises ChecksFailed when it fails
     assert lines[-1].startswith("[PASS] gradcheck")
+
+
+def test_gradcheck_task_raises_checks_failed_on_a_planted_bug(compose_config, monkeypatch):
+    cfg = compose_config(["task=gradcheck", "model=mlp", *SYNTHETIC])
+    monkeypatch.setattr(torch.nn.ReLU, "forward", lambda self, x: WrongReLU.apply(x))
+    lines = []
+    with pytest.raises(ChecksFailed, match=r"\[FAIL\] gradcheck"):
+        gradcheck_task.run(cfg, None, emit=lines.append)
+    assert lines[-1].startswith("[FAIL] gradcheck")
 
 
 def test_gradcheck_skips_knn(compose_config):
     lines = []
-    assert gradcheck_task(compose_config(["model=knn"]), emit=lines.append)
+    gradcheck_task.run(compose_config(["task=gradcheck", "model=knn"]), None, emit=lines.append)
     assert lines == ["[SKIP] gradcheck: knn has no trained parameters or gradients: nothing to check"]
 
 

@@ -79,7 +79,7 @@ def test_installed_copy_ships_every_config(installed):
 
 def test_installed_copy_composes_its_config(installed):
     out = run_installed(installed, ["-m", "cvtrain", "--cfg", "job", "data=synthetic"])
-    assert "source: synthetic" in out
+    assert "name: synthetic" in out and "name: train" in out
     assert "name: lenet" in out
 
 

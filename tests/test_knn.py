@@ -5,6 +5,7 @@ import torch
 from sklearn.neighbors import KNeighborsClassifier
 
 from cvtrain import UserError
+from cvtrain.models import create_model, model_kind
 from cvtrain.models.knn import KNNClassifier
 
 
@@ -39,6 +40,18 @@ def test_bad_options_are_clear_errors():
         KNNClassifier(distance="cosine")
     with pytest.raises(UserError, match="at least 1"):
         KNNClassifier(k=0)
+    for folds in (1, -2):
+        with pytest.raises(UserError, match="0 \\(no cross-validation\\) or 2 and more"):
+            KNNClassifier(cv_folds=folds)
+
+
+def test_registered_as_a_fitted_model_that_carries_its_options():
+    assert model_kind("knn") == "fitted"
+    knn = create_model("knn", (3, 8, 8), 4, k=7, distance="l1", chunk_size=16, cv_folds=3)
+    assert isinstance(knn, KNNClassifier)
+    assert (knn.k, knn.distance, knn.chunk_size, knn.cv_folds) == (7, "l1", 16, 3)
+    x, y = torch.randn(40, 3, 8, 8), torch.randint(0, 4, (40,))
+    assert torch.equal(knn.fit(x, y, 4).predict(x[:5]), KNNClassifier(7, "l1").fit(x, y, 4).predict(x[:5]))
 
 
 def test_knn_run_writes_summary_and_tensorboard(run_cli, tmp_path):

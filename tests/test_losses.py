@@ -5,6 +5,7 @@ import torch
 from omegaconf import OmegaConf
 
 from cvtrain import UserError
+from cvtrain.config import RegConfig
 from cvtrain.losses import MulticlassHingeLoss, OneHotMSELoss, Regularizer, build_loss
 
 
@@ -19,19 +20,25 @@ def test_hinge_matches_multimarginloss_times_classes(squared, p):
 
 def test_hinge_at_zero_scores_is_classes_minus_one():
     scores = torch.zeros(8, 10)
-    assert MulticlassHingeLoss()(scores, torch.randint(0, 10, (8,))).item() == pytest.approx(9.0)
+    assert MulticlassHingeLoss(margin=1.0)(scores, torch.randint(0, 10, (8,))).item() == pytest.approx(9.0)
 
 
 def test_hinge_worked_example_from_the_course():
     # scores for cat/car/frog with the correct class cat: max(0, 5.1-3.2+1) + max(0, -1.7-3.2+1) = 2.9
     scores = torch.tensor([[3.2, 5.1, -1.7]])
-    assert MulticlassHingeLoss()(scores, torch.tensor([0])).item() == pytest.approx(2.9, abs=1e-5)
+    assert MulticlassHingeLoss(margin=1.0)(scores, torch.tensor([0])).item() == pytest.approx(2.9, abs=1e-5)
 
 
 def test_build_loss_by_name_and_unknown_name():
     assert isinstance(build_loss(OmegaConf.create({"name": "hinge", "margin": 2.0})), MulticlassHingeLoss)
+    squared = build_loss({"name": "squared_hinge", "margin": 2.0})
+    assert squared.squared and squared.margin == 2.0
     with pytest.raises(UserError, match="cross_entropy"):
         build_loss(OmegaConf.create({"name": "focal"}))
+    with pytest.raises(UserError, match="loss.squared: not an argument of loss=hinge; its keys are margin$"):
+        build_loss({"name": "hinge", "margin": 1.0, "squared": True})
+    with pytest.raises(UserError, match="loss=squared_hinge needs loss.margin"):
+        build_loss({"name": "squared_hinge"})
 
 
 def test_regularizer_l2_and_l1_cover_weights_not_biases():
@@ -39,11 +46,11 @@ def test_regularizer_l2_and_l1_cover_weights_not_biases():
     with torch.no_grad():
         model.weight.fill_(2.0)
         model.bias.fill_(100.0)
-    reg = Regularizer(OmegaConf.create({"l2": 0.1, "l1": 0.01}), model)
+    reg = Regularizer(OmegaConf.structured(RegConfig(l2=0.1, l1=0.01)), model)
     assert reg()
     expected = 0.5 * 0.1 * (4 * 12) + 0.01 * (2 * 12)
     assert reg().item() == pytest.approx(expected)
-    assert not Regularizer(OmegaConf.create({"l2": 0.0, "l1": 0.0}), model)
+    assert not Regularizer(OmegaConf.structured(RegConfig()), model)
 
 
 # --- every loss against a value computed by hand ------------------------------------------------
@@ -68,8 +75,8 @@ def test_cross_entropy_by_hand():
 
 def test_hinge_and_squared_hinge_by_hand():
     # per example: max(0, 5.1-3.2+1) = 2.9 | 0 + 0 | max(0, 2.2+3.1+1) + max(0, 2.5+3.1+1) = 6.3 + 6.6
-    assert loss_of("hinge") == pytest.approx((2.9 + 0 + 12.9) / 3, abs=1e-5)  # 5.27, the course's value
-    assert loss_of("squared_hinge") == pytest.approx((2.9**2 + 0 + 6.3**2 + 6.6**2) / 3, abs=1e-4)
+    assert loss_of("hinge", margin=1.0) == pytest.approx((2.9 + 0 + 12.9) / 3, abs=1e-5)  # 5.27, the course's value
+    assert loss_of("squared_hinge", margin=1.0) == pytest.approx((2.9**2 + 0 + 6.3**2 + 6.6**2) / 3, abs=1e-4)
     # margin 2: 3.9 + max(0, -1.7-3.2+2) | max(0, 1.3-4.9+2) + max(0, 2.0-4.9+2) | 7.3 + 7.6
     assert loss_of("hinge", margin=2.0) == pytest.approx((3.9 + 0 + 0 + 0 + 7.3 + 7.6) / 3, abs=1e-5)
 
@@ -88,10 +95,10 @@ def test_mse_by_hand_and_against_torch():
 @pytest.mark.parametrize("loss", ["cross_entropy", "hinge", "squared_hinge", "mse"])
 @pytest.mark.parametrize("model", ["linear", "mlp", "lenet"])
 def test_any_model_trains_with_any_loss(compose_config, loss, model):
-    from cvtrain.train import build_model
+    from cvtrain.models import build_model
 
     cfg = compose_config([f"loss={loss}", f"model={model}"])
-    net = build_model(cfg, (1, 28, 28), 10)
+    net = build_model(cfg.model, (1, 28, 28), 10)
     value = build_loss(cfg.loss)(net(torch.randn(4, 1, 28, 28)), torch.randint(0, 10, (4,)))
     value.backward()
     assert torch.isfinite(value) and value > 0

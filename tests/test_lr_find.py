@@ -1,4 +1,4 @@
-"""task=lr_find (src/cvtrain/lr_find.py): the lr sequence, early stopping, the suggestion, the command line."""
+"""task=lr_find (src/cvtrain/tasks/lr_find.py): the lr sequence, early stopping, the suggestion, the command line."""
 import csv
 import math
 import re
@@ -7,7 +7,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cvtrain import UserError
-from cvtrain.lr_find import lr_find_task, lr_sequence, range_test, suggest_lr
+from cvtrain.tasks.lr_find import lr_sequence, range_test, run, suggest_lr
 
 
 def test_lr_sequence_is_exponential_from_start_to_end():
@@ -20,7 +20,7 @@ def test_lr_sequence_is_exponential_from_start_to_end():
 
 @pytest.mark.parametrize("start, end, steps", [(1e-3, 1e-5, 100), (0.0, 1.0, 100), (1e-7, 10.0, 3)])
 def test_bad_settings_are_user_errors(start, end, steps):
-    with pytest.raises(UserError, match="trainer.lr_find"):
+    with pytest.raises(UserError, match="task.st"):
         lr_sequence(start, end, steps)
 
 
@@ -61,11 +61,11 @@ def test_suggestion_is_the_steepest_descent_before_the_minimum():
 
 def test_knn_has_no_learning_rate(compose_config, tmp_path):
     with pytest.raises(UserError, match="model=knn has no learning rate"):
-        lr_find_task(compose_config(["task=lr_find", "model=knn"]), tmp_path)
+        run(compose_config(["task=lr_find", "model=knn"]), tmp_path)
 
 
 def test_no_suggestion_from_too_few_points():
-    with pytest.raises(UserError, match="lower trainer.lr_find_start"):
+    with pytest.raises(UserError, match="lower task.start"):
         suggest_lr([1e-3, 1e-2], [1.0, 5.0])
 
 
@@ -90,7 +90,7 @@ def test_cli_prints_a_sensible_suggested_lr_last(lr_find_run):
     match = re.fullmatch(r"suggested_lr=(\S+)", last)
     assert match, lr_find_run.output
     assert 1e-5 < float(match.group(1)) < 1e-1  # Adam on LeNet: about 1e-3 is the usual advice
-    assert "lr range test: lenet + Adam on digits" in lr_find_run.output
+    assert "lr range test: lenet + adam on digits" in lr_find_run.output
 
 
 def test_cli_writes_the_plot_the_csv_and_tensorboard(lr_find_run):
@@ -100,6 +100,7 @@ def test_cli_writes_the_plot_the_csv_and_tensorboard(lr_find_run):
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["step", "lr", "loss", "smoothed"]
     lrs = [float(r["lr"]) for r in rows]
+    assert run_dir.name.endswith("_lr_find_digits_lenet_adam")  # the task names its run dir
     assert lrs[0] == pytest.approx(1e-7) and lrs == sorted(lrs) and 10 <= len(rows) <= 100
     (events,) = (run_dir / "tb").glob("events.out.tfevents.*")
     acc = EventAccumulator(str(events), size_guidance={"scalars": 0, "images": 0})

@@ -15,7 +15,7 @@ import torchvision.models as tvm
 from omegaconf import OmegaConf
 
 from cvtrain import UserError
-from cvtrain.models import create_model, list_models
+from cvtrain.models import build_model, create_model, list_models, model_kind
 from cvtrain.models.registry import _MODELS
 
 ZOO = ["alexnet", "vgg11", "vgg13", "vgg16", "vgg19", "nin",
@@ -146,15 +146,24 @@ def test_unknown_variant_is_refused(name):
 
 # --- configs -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ZOO)
+@pytest.mark.parametrize("name", list_models())
 def test_config_lists_every_option_with_its_default(name):
-    """configs/model/<name>.yaml = name + the builder's options at the builder's defaults."""
+    """configs/model/<name>.yaml = name + the builder's options at the builder's defaults
+    (+ init: native, bias_init: 0.0 for a trained model; a fitted one has no init)."""
     node = OmegaConf.to_container(OmegaConf.load(str(CONFIG_DIR / f"{name}.yaml")))
-    assert node.pop("name") == name and name in list_models()
-    assert (node.pop("init"), node.pop("bias_init")) == ("default", 0.0)  # applied by train.build_model
+    assert node.pop("name") == name
+    if model_kind(name) == "trained":
+        assert (node.pop("init"), node.pop("bias_init")) == ("native", 0.0)  # applied by models.build_model
     params = inspect.signature(_MODELS[name]).parameters
-    defaults = {k: p.default for k, p in params.items() if k not in ("in_shape", "num_classes")}
+    defaults = {k: list(p.default) if isinstance(p.default, tuple) else p.default
+                for k, p in params.items() if k not in ("in_shape", "num_classes")}
     assert node == defaults
+
+
+@pytest.mark.parametrize("preset", ["softmax", "svm"])
+def test_linear_presets_use_the_native_init(preset):
+    node = OmegaConf.load(str(CONFIG_DIR / f"{preset}.yaml")).model
+    assert (node.name, node.init, node.bias_init) == ("linear", "native", 0.0)
 
 
 # --- it can learn --------------------------------------------------------------------------
@@ -162,13 +171,14 @@ def test_config_lists_every_option_with_its_default(name):
 def fit_one_batch(name, side=32, lr=1e-3, max_steps=40, **options):
     """Adam on one fixed batch of 8 smooth random images with 8 different labels (10 classes).
 
+    The model is built as a run builds it (build_model: init=native and the output-layer rule).
     Returns the training losses; stops once the loss is below 0.05.
     """
     torch.manual_seed(0)
     x = F.interpolate(torch.randn(8, 3, 4, 4), size=(side, side), mode="bilinear", align_corners=False)
     x = (x - x.mean()) / x.std()
     y = torch.arange(8)
-    model = create_model(name, (3, side, side), 10, **options).train()
+    model = build_model({"name": name, **options}, (3, side, side), 10).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
     for _ in range(max_steps):

@@ -234,9 +234,9 @@ def test_no_decay_group_holds_biases_and_norm_parameters(compose_config, option)
 
 def test_param_groups_without_exemptions_or_without_norm_layers():
     linear = torch.nn.Linear(3, 2, bias=False)
-    assert [len(g["params"]) for g in param_groups(linear, weight_decay_norm_and_bias=False)] == [1]
+    assert [len(g["params"]) for g in param_groups(linear, decay_norm_and_bias=False)] == [1]
     bn = torch.nn.BatchNorm1d(3)
-    groups = param_groups(bn, weight_decay_norm_and_bias=False)
+    groups = param_groups(bn, decay_norm_and_bias=False)
     assert len(groups) == 1 and groups[0]["weight_decay"] == 0.0
 
 

@@ -4,7 +4,7 @@ import re
 import torch.nn as nn
 
 from cvtrain.models import create_model
-from cvtrain.summary import data_geometry, format_table, summarize
+from cvtrain.tasks.summary import data_geometry, layer_table, summarize
 
 
 def test_lecture_worked_check_single_conv():
@@ -32,7 +32,7 @@ def test_lenet_on_28x28_matches_the_hand_computation():
 
 def test_table_ends_with_the_machine_readable_line():
     rows, totals = summarize(create_model("mlp", (1, 8, 8), 4, hidden_sizes=(16,), batch_norm=True), (1, 8, 8))
-    lines = format_table(rows, totals).splitlines()
+    lines = layer_table(rows, totals).splitlines()
     assert lines[-1] == f"params={totals['params']} macs={totals['macs']}"
     assert any("BatchNorm1d" in line for line in lines)
 
@@ -56,3 +56,4 @@ def test_cli_summary_prints_the_totals_and_writes_no_run_artifacts(run_cli, run_
     assert "features.0" in result.stdout and "20x32x32" in result.stdout
     run_dir = run_dir_of(tmp_path)
     assert {p.name for p in run_dir.iterdir()} <= {".hydra", "cvtrain.log"}
+    assert run_dir.name.endswith("_summary_synthetic_lenet")  # not mistaken for a training run

@@ -9,7 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 
 from cvtrain.data import DataBundle, InMemoryLoader, Split
-from cvtrain.train import train
+from cvtrain.tasks.train import run as train
 from cvtrain.viz import (confusion_counts, confusion_figure, first_layer_filters, image_grid, linear_templates,
                          misclassified, misclassified_grid, predict, write_visualizations)
 

@@ -15,3 +15,10 @@ class TrainingDiverged(Exception):
 
     The command line exits with status 3 (in a sweep the trial is recorded as diverged).
     """
+
+
+class ChecksFailed(Exception):
+    """A check the user asked for (task=sanity, task=gradcheck) failed; its lines say which.
+
+    The command line exits with status 1.
+    """

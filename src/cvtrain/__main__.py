@@ -1,4 +1,11 @@
-"""Command line: python -m cvtrain [GROUP=OPTION ...] [KEY=VALUE ...] (also the `cvtrain` script)."""
+"""Command line: python -m cvtrain [GROUP=OPTION ...] [KEY=VALUE ...] (also the `cvtrain` script).
+
+    command line -> Hydra composes the config (configs/, schemas in config.py) -> the run dir
+    -> TASKS[task.name](cfg, run_dir) -> its objective, returned to Hydra (a sweeper optimizes it)
+
+Errors map to exit statuses: 2 bad input (UserError), 1 a failed check (ChecksFailed),
+3 a diverged run (TrainingDiverged; in a sweep the trial returns DIVERGED and the sweep goes on).
+"""
 import logging
 import sys
 from pathlib import Path
@@ -6,78 +13,55 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from cvtrain import TrainingDiverged, UserError
+from cvtrain import ChecksFailed, TrainingDiverged, UserError
 from cvtrain.config import register_configs
+from cvtrain.models import model_kind
+from cvtrain.tasks import augviz, gradcheck, lr_find, sanity, summary, train
 
 log = logging.getLogger("cvtrain")
+
+TASKS = {"train": train.run, "summary": summary.run, "sanity": sanity.run, "gradcheck": gradcheck.run,
+         "lr_find": lr_find.run, "augviz": augviz.run}
+DIVERGED = 0.0  # the objective of a diverged trial: below any accuracy a real run reaches, and not NaN
+
+
+def run_name(task: str, data: str, model_option: str, model_name: str, optim: str, aug: str) -> str:
+    """The run dir's name after its time: what the run is, e.g. digits_lenet_adam (train),
+    digits_knn (a fitted model: no optimizer), summary_digits_lenet, lr_find_digits_lenet_adam,
+    augviz_digits_cifar. Registered as the resolver ${run_name:...} of configs/config.yaml."""
+    try:
+        trained = model_kind(model_name) == "trained"
+    except UserError:  # an unknown model.name: the task reports it, with the list of models
+        trained = True
+    parts = {"train": [data, model_option] + ([optim] if trained else []),
+             "lr_find": [task, data, model_option, optim],
+             "sanity": [task, data, model_option] + ([optim] if trained else []),
+             "augviz": [task, data, aug]}.get(task, [task, data, model_option])
+    return "_".join(parts)
+
+
 register_configs()
-
-
-def run_train(cfg: DictConfig):
-    from cvtrain.train import train
-
-    hydra_cfg = HydraConfig.get()
-    choices = {group: str(choice) for group, choice in hydra_cfg.runtime.choices.items()
-               if not group.startswith("hydra") and group != "trainer"}
-    return train(cfg, Path(hydra_cfg.runtime.output_dir), choices)
-
-
-def run_summary(cfg: DictConfig):
-    from cvtrain.summary import model_summary
-
-    print(model_summary(cfg))
-
-
-def run_augviz(cfg: DictConfig):
-    from cvtrain.augviz import augviz
-    from cvtrain.train import resolve_device
-
-    hydra_cfg = HydraConfig.get()
-    png = augviz(cfg, Path(hydra_cfg.runtime.output_dir), str(hydra_cfg.runtime.choices.get("aug", "custom")),
-                 resolve_device(cfg.trainer.device))
-    print(png)
-
-
-def run_sanity(cfg: DictConfig):
-    from cvtrain.diagnostics import sanity_task
-
-    if not sanity_task(cfg):
-        sys.exit(1)
-
-
-def run_gradcheck(cfg: DictConfig):
-    from cvtrain.diagnostics import gradcheck_task
-
-    if not gradcheck_task(cfg):
-        sys.exit(1)
-
-
-def run_lr_find(cfg: DictConfig):
-    from cvtrain.lr_find import lr_find_task
-
-    lr_find_task(cfg, Path(HydraConfig.get().runtime.output_dir))  # prints; last line suggested_lr=<lr>
-
-
-TASKS = {"train": run_train, "summary": run_summary, "augviz": run_augviz, "sanity": run_sanity,
-         "gradcheck": run_gradcheck, "lr_find": run_lr_find}
+OmegaConf.register_new_resolver("run_name", run_name)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://cvtrain.configs", config_name="config")
 def main(cfg: DictConfig):
+    """Run the configured task in Hydra's run dir; return its objective (train: the best validation
+    accuracy; lr_find: the suggested lr; the other tasks: None)."""
     try:
-        if cfg.task not in TASKS:
-            raise UserError(f"task={cfg.task} is unknown; choose one of {', '.join(TASKS)}")
-        return TASKS[cfg.task](cfg)
+        return TASKS[cfg.task.name](cfg, Path(HydraConfig.get().runtime.output_dir))
     except UserError as err:
         log.error("error: %s", err)
         sys.exit(2)
+    except ChecksFailed:
+        sys.exit(1)
     except TrainingDiverged as err:
         log.error("training diverged: %s (summary.json has status 'diverged')", err)
         if HydraConfig.get().mode != RunMode.MULTIRUN:
             sys.exit(3)
-        return None  # in a sweep: record the trial as diverged and go on with the next one
+        return DIVERGED  # in a sweep: record the trial as diverged and go on with the next one
 
 
 if __name__ == "__main__":

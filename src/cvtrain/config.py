@@ -1,42 +1,57 @@
-"""Structured-config schemas.
+"""Structured-config schemas and the one convention of the config groups.
 
-Hydra merges the YAML files of each config group into these dataclasses, so a
-misspelled key (``trainer.epoch=3``) or a wrong type (``trainer.epochs=abc``)
-fails at start with Hydra's own message. Groups whose keys depend on the choice
-(model, optim, sched, loss) are plain YAML; Hydra's struct mode still rejects
-unknown keys there, and the model builder checks its arguments.
+Two kinds of group:
+
+- A group that picks one of several things (model, loss, optim, sched, data) names it with
+  `name:`; the other keys of the node are that thing's arguments, checked against its
+  signature when it is built (`named_choice` + `check_arguments`), so a key it does not take
+  is an error naming the valid ones. Their option files (configs/<group>/<option>.yaml) are
+  the one copy of the arguments' values: the builders have no defaults of their own.
+- A group of settings of one thing (data, aug, reg, trainer) has a typed dataclass schema
+  below that holds every default, with a comment per field; its option files set only what
+  differs from the schema (data picks its source with `name:` as well). A misspelled key
+  (`trainer.epoch=3`) or a wrong type (`trainer.epochs=abc`) fails at start with Hydra's own
+  message.
+
+No config node has a `_target_`: nothing is instantiated by Hydra.
 """
+import inspect
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from cvtrain import UserError
 
 
 @dataclass
 class DataConfig:
-    source: str = "digits"  # digits | mnist | fashion_mnist | cifar10 | cifar100 | svhn | imagefolder | synthetic
-    root: Optional[str] = None  # where torchvision datasets / an ImageFolder tree live
-    download: bool = True  # torchvision sources only
+    # the source; every data option sets it (src/cvtrain/data/sources.py):
+    name: str = MISSING  # digits | mnist | fashion_mnist | cifar10 | cifar100 | svhn | imagefolder | synthetic
+    root: Optional[str] = "data"  # torchvision sources: the folder that holds their files; imagefolder: required
+    download: bool = True  # torchvision sources only: fetch the files when they are missing (needs internet)
     batch_size: int = 128
     eval_batch_size: int = 1000
     val_fraction: float = 0.1  # carved from train (stratified) when the source has no val split
     split_seed: int = 0  # fixes the validation split independently of trainer.seed
-    image_size: Optional[int] = None  # imagefolder: resize+center-crop; synthetic: side length
-    cache_dir: str = "~/.cache/cvtrain"  # decoded ImageFolder tensors
+    # imagefolder: resize (shorter side) + center-crop to this side, needed when sizes differ; synthetic: the side
+    image_size: Optional[int] = None
+    cache_dir: str = "~/.cache/cvtrain"  # imagefolder: decoded tensors, keyed by the files, sizes and mtimes
     # fitted on the training split only, stored in checkpoints (src/cvtrain/data/preprocess.py):
     preprocess: str = "standardize"  # standardize | channel_mean | mean_image | pca_whiten | zca_whiten
     whiten_eps: float = 1e-2  # pca/zca_whiten: added to the covariance eigenvalues ([0, 1] pixel scale)
-    # synthetic data only
+    # synthetic data only: class prototypes + pixel noise
     channels: int = 3
     num_classes: int = 10
-    num_samples: int = 1000
+    num_samples: int = 1000  # training images (val_fraction is carved from these)
     num_test: int = 200
     noise: float = 0.6
 
 
 @dataclass
 class AugConfig:
-    """Batched augmentation (src/cvtrain/data/augment.py); every default is off."""
+    """Batched augmentation (src/cvtrain/data/augment.py); every default is off (aug=none)."""
     hflip: bool = False  # random horizontal flip (p = 1/2)
     vflip: bool = False  # random vertical flip (p = 1/2)
     crop_padding: int = 0  # random crop of the original size after zero padding
@@ -62,35 +77,35 @@ class AugConfig:
 
 @dataclass
 class RegConfig:
-    l2: float = 0.0  # loss term 0.5 * l2 * sum(w^2) over weight tensors
-    l1: float = 0.0  # loss term l1 * sum(|w|)
+    """Regularization (src/cvtrain/losses.py); every default is off (reg=none). The optimizers
+    may still apply their own weight_decay."""
+    l2: float = 0.0  # loss term 0.5 * l2 * sum(w^2) over weight tensors (biases excluded)
+    l1: float = 0.0  # loss term l1 * sum(|w|) over weight tensors (biases excluded)
     max_norm: float = 0.0  # after each step: each unit's incoming weights projected into ||w||_2 <= max_norm; 0: off
     grad_clip: float = 0.0  # before each step: the global gradient norm clipped to grad_clip; 0: off
 
 
 @dataclass
 class TrainerConfig:
+    """The training loop (src/cvtrain/train.py)."""
     epochs: int = 10
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    seed: int = 0
-    monitor_every: int = 50  # steps between update-ratio / grad-norm / activation measurements
+    seed: int = 0  # model init, batch order, augmentation (not the validation split: data.split_seed)
+    monitor_every: int = 50  # steps between update/weight-ratio, grad-norm and activation measurements
     histogram_every: int = 500  # steps between weight and gradient histograms (0: never)
-    explode_factor: float = 3.0  # stop when the loss exceeds this x the initial loss (0: only non-finite)
+    explode_factor: float = 3.0  # stop when the loss exceeds this x the initial loss (0: only on nan/inf)
     log_every: int = 10  # steps between flushes of the per-step loss to TensorBoard
-    progress: bool = True  # progress bar per epoch (only on a terminal)
-    checkpoint: bool = True  # write checkpoints/last.pt and best.pt
-    resume: Optional[str] = None  # path to a checkpoint to continue from
-    test: bool = False  # evaluate the best checkpoint on the test split at the end
+    progress: bool = True  # progress bar per epoch (only when attached to a terminal)
+    checkpoint: bool = True  # checkpoints/last.pt every epoch, best.pt on a new best val acc
+    resume: Optional[str] = None  # a checkpoint to continue from (e.g. outputs/.../checkpoints/last.pt)
+    test: bool = False  # evaluate best.pt on the test split at the end
     sanity: bool = False  # run task=sanity's checks first; a failed check stops the run (exit 2)
-    viz: bool = True  # write filters/templates/confusion matrix/misclassified/embedding at the end of the run
-    lr_find_steps: int = 100  # task=lr_find: steps of the learning-rate range test (fewer if the loss explodes)
-    lr_find_start: float = 1e-7  # task=lr_find: the first lr; it grows exponentially ...
-    lr_find_end: float = 10.0  # task=lr_find: ... to this last lr
+    viz: bool = True  # filters/templates, confusion matrix, misclassified, projector at the end (<run dir>/viz, tb)
 
 
 @dataclass
 class Config:
-    task: str = "train"
+    task: Any = None
     data: DataConfig = field(default_factory=DataConfig)
     aug: AugConfig = field(default_factory=AugConfig)
     reg: RegConfig = field(default_factory=RegConfig)
@@ -103,12 +118,41 @@ class Config:
 
 # Config keys that do not change what is learned, or repeat a group's choice: not hyperparameters,
 # neither in TensorBoard's HPARAMS tab (monitor.run_hparams) nor as columns of scripts/compare_runs.py.
-NOT_HPARAMS = {"task", "data.source", "data.root", "data.download", "data.cache_dir", "data.eval_batch_size",
+NOT_HPARAMS = {"task", "data.name", "data.root", "data.download", "data.cache_dir", "data.eval_batch_size",
                "trainer.progress", "trainer.log_every", "trainer.checkpoint", "trainer.resume", "trainer.sanity",
-               "trainer.monitor_every", "trainer.histogram_every", "trainer.explode_factor", "trainer.viz",
-               "trainer.lr_find_steps", "trainer.lr_find_start", "trainer.lr_find_end"}
+               "trainer.monitor_every", "trainer.histogram_every", "trainer.explode_factor", "trainer.viz"}
 SYNTHETIC_ONLY = {"data.channels", "data.num_classes", "data.num_samples", "data.num_test", "data.noise"}
 
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="cvtrain_schema", node=Config)
+
+
+# --- groups that pick one of several things by `name:` -------------------------------------------
+
+def named_choice(group: str, node, registry: dict) -> tuple[str, Callable, dict]:
+    """(name, registry[name], the node's other keys as a plain dict) of a `name:` group's node."""
+    options = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+    name = options.pop("name", None)
+    if name not in registry:
+        raise UserError(f"{group}.name={name} is unknown; choose one of {', '.join(registry)}")
+    return name, registry[name], options
+
+
+def check_arguments(group: str, name: str, target: Callable, options: dict, passed: Iterable[str] = (),
+                    own: Iterable[str] = ()) -> None:
+    """A UserError unless `options` are arguments `target` takes and hold every argument it needs.
+
+    `passed`: the arguments the builder gives `target` itself (not config keys); `own`: config
+    keys the builder takes out of `options` before (listed among the valid keys)."""
+    params = inspect.signature(target).parameters
+    valid = [p for p, param in params.items() if p not in passed and param.kind in (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    takes_any = any(param.kind == inspect.Parameter.VAR_KEYWORD for param in params.values())
+    unknown = [key for key in options if key not in valid and not takes_any]
+    if unknown:
+        raise UserError(f"{', '.join(f'{group}.{key}' for key in unknown)}: not an argument of {group}={name}; "
+                        f"its keys are {', '.join([*valid, *own])}")
+    missing = [p for p in valid if p not in options and params[p].default is inspect.Parameter.empty]
+    if missing:
+        raise UserError(f"{group}={name} needs {', '.join(f'{group}.{key}' for key in missing)}")

@@ -21,10 +21,11 @@ import torch
 import torch.nn as nn
 
 from cvtrain import UserError
+from cvtrain.config import check_arguments, named_choice
 
 
 class MulticlassHingeLoss(nn.Module):
-    def __init__(self, margin: float = 1.0, squared: bool = False):
+    def __init__(self, margin: float, squared: bool = False):
         super().__init__()
         self.margin, self.squared = margin, squared
 
@@ -35,6 +36,11 @@ class MulticlassHingeLoss(nn.Module):
         if self.squared:
             margins = margins * margins
         return margins.sum(1).mean()
+
+
+class SquaredHingeLoss(MulticlassHingeLoss):
+    def __init__(self, margin: float):
+        super().__init__(margin, squared=True)
 
 
 class OneHotMSELoss(nn.Module):
@@ -48,16 +54,16 @@ class OneHotMSELoss(nn.Module):
 LOSSES = {
     "cross_entropy": nn.CrossEntropyLoss,  # softmax classifier; options: label_smoothing
     "hinge": MulticlassHingeLoss,  # multiclass SVM; options: margin
-    "squared_hinge": lambda **kw: MulticlassHingeLoss(squared=True, **kw),
+    "squared_hinge": SquaredHingeLoss,  # options: margin
     "mse": OneHotMSELoss,  # squared error to one-hot targets
 }
 
 
 def build_loss(loss_cfg) -> nn.Module:
-    options = {k: v for k, v in dict(loss_cfg).items() if k != "name"}
-    if loss_cfg.name not in LOSSES:
-        raise UserError(f"loss '{loss_cfg.name}' is unknown; choose one of {', '.join(LOSSES)}")
-    return LOSSES[loss_cfg.name](**options)
+    """LOSSES[loss.name](**the other loss keys)."""
+    name, cls, options = named_choice("loss", loss_cfg, LOSSES)
+    check_arguments("loss", name, cls, options, passed=("squared",))
+    return cls(**options)
 
 
 class Regularizer:
@@ -71,9 +77,7 @@ class Regularizer:
     """
 
     def __init__(self, reg_cfg, model: nn.Module):
-        self.l2, self.l1 = reg_cfg.l2, reg_cfg.l1
-        self.max_norm = getattr(reg_cfg, "max_norm", 0.0) or 0.0
-        self.grad_clip = getattr(reg_cfg, "grad_clip", 0.0) or 0.0
+        self.l2, self.l1, self.max_norm, self.grad_clip = reg_cfg.l2, reg_cfg.l1, reg_cfg.max_norm, reg_cfg.grad_clip
         for name in ("l2", "l1", "max_norm", "grad_clip"):
             if getattr(self, name) < 0:
                 raise UserError(f"reg.{name}={getattr(self, name)} must be >= 0 (0 turns it off)")

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
@@ -28,12 +30,16 @@ DEAD_WARNING = 0.5  # warn once per layer when at least this fraction of its ReL
 UPDATE_RATIO_REFERENCE = -3.0  # log10(1e-3): the course's rule of thumb for a healthy learning rate
 
 
+def upper_median(values):
+    """The median of `values` (the upper one of an even count), or None when there are none."""
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if ordered else None
+
+
 def median_update_ratio(values: dict):
-    """The median of the per-tensor log10 update/weight ratios among `values` (the upper one of an
-    even count), or None when there are none."""
-    ratios = sorted(v for k, v in values.items()
-                    if k.startswith("update_ratio/") and not k.endswith(("/reference_1e-3", "/median")))
-    return ratios[len(ratios) // 2] if ratios else None
+    """The median of the per-tensor log10 update/weight ratios among `values`, or None when there are none."""
+    return upper_median(v for k, v in values.items()
+                        if k.startswith("update_ratio/") and not k.endswith(("/reference_1e-3", "/median")))
 
 
 class UpdateRatioMonitor:
@@ -232,32 +238,43 @@ class TrainingMonitor:
     def summary(self) -> dict:
         """For summary.json: the median over the run of the per-measurement median log10
         update/weight ratio (healthy: about -3), or nothing when none was measured."""
-        if not self.median_ratios:
-            return {}
-        ordered = sorted(self.median_ratios)
-        return {"update_ratio_log10": round(ordered[len(ordered) // 2], 3)}
+        median = upper_median(self.median_ratios)
+        return {} if median is None else {"update_ratio_log10": round(median, 3)}
 
 
-def run_hparams(plain_cfg: dict, choices: dict) -> dict:
+def group_choices() -> dict:
+    """{group: option} as chosen on the command line or by the defaults (data, model, optim, ...),
+    from Hydra's runtime; {} outside a Hydra run (a test or script that composed the config itself)."""
+    if not HydraConfig.initialized():
+        return {}
+    return {group: str(choice) for group, choice in HydraConfig.get().runtime.choices.items()
+            if not group.startswith("hydra") and group not in ("trainer", "task") and choice is not None}
+
+
+def run_hparams(cfg) -> dict:
     """The HPARAMS-tab row of a run: its config choices and the values that shape training."""
-    values = flat_hparams({k: plain_cfg[k] for k in ("model", "loss", "reg", "optim", "sched", "aug", "data", "trainer")})
-    skip = NOT_HPARAMS | (SYNTHETIC_ONLY if plain_cfg["data"]["source"] != "synthetic" else set())
-    return {**choices, **{k: v for k, v in values.items() if k not in skip}}
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    values = flatten_config({k: plain[k] for k in ("model", "loss", "reg", "optim", "sched", "aug", "data", "trainer")})
+    skip = NOT_HPARAMS | (SYNTHETIC_ONLY if plain["data"]["name"] != "synthetic" else set())
+    # TensorBoard takes bool, int, float and str values: lists and None become text
+    return {**group_choices(), **{k: v if isinstance(v, (bool, int, float, str)) else str(v)
+                                  for k, v in values.items() if k not in skip}}
 
 
-def flat_hparams(node, prefix: str = "") -> dict:
-    """A nested config as {"optim.lr": 0.001, ...} with values TensorBoard accepts."""
+def write_summary(run_dir: Path, summary: dict) -> None:
+    """<run dir>/summary.json: the one place it is written (every task that trains or fits)."""
+    Path(run_dir, "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def flatten_config(node, prefix: str = "") -> dict:
+    """A nested config (plain dicts) as {"optim.lr": 0.001, "model.hidden_sizes": [512], ...}: one key per
+    leaf, values as they are. Also what scripts/compare_runs.py reads a run's .hydra/config.yaml with."""
     out = {}
-    for key, value in node.items():
-        if str(key).startswith("_"):
-            continue
-        name = f"{prefix}{key}"
+    for key, value in (node or {}).items():
         if isinstance(value, dict):
-            out.update(flat_hparams(value, name + "."))
-        elif isinstance(value, (bool, int, float, str)):
-            out[name] = value
+            out.update(flatten_config(value, f"{prefix}{key}."))
         else:
-            out[name] = str(value)
+            out[f"{prefix}{key}"] = value
     return out
 
 

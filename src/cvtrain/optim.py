@@ -1,10 +1,12 @@
 """Optimizers and learning-rate schedules built from the `optim` and `sched` groups.
 
-`optim` configs are torch.optim classes (`_target_` + `_partial_: true`) plus one key of
-ours, `decay_norm_and_bias`, that build_optimizer takes out: false puts biases and
-normalization parameters in a param group without weight decay.
+An `optim` config names a torch.optim class in OPTIMIZERS (`name: adam`); its other keys are
+that class's arguments, plus one key of ours, `decay_norm_and_bias`, that build_optimizer
+takes itself: false puts biases and normalization parameters in a param group without
+weight decay.
 
-`sched` configs point at the schedule factories below. Each returns a `Schedule`, which
+A `sched` config names one of the schedule factories below in SCHEDULES (`name: cosine`);
+its other keys are that factory's arguments. Each returns a `Schedule`, which
 sets every param group's lr to
 
     optim.lr * warmup(u) * decay(t) * plateau_scale
@@ -24,10 +26,9 @@ import math
 from typing import Callable
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from cvtrain import UserError
+from cvtrain.config import check_arguments, named_choice
 
 # ---------------------------------------------------------------------------------------------
 # Optimizers
@@ -37,10 +38,10 @@ NORM_LAYERS = (torch.nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNor
                torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.RMSNorm, torch.nn.LocalResponseNorm)
 
 
-def param_groups(model: torch.nn.Module, weight_decay_norm_and_bias: bool = True) -> list:
+def param_groups(model: torch.nn.Module, decay_norm_and_bias: bool) -> list:
     """The trainable parameters as optimizer param groups.
 
-    One group when `weight_decay_norm_and_bias` (torch's default: weight decay on everything);
+    One group when `decay_norm_and_bias` (torch's default: weight decay on everything);
     otherwise a first group of the weights that get weight decay and a second one with
     weight_decay 0 for biases, every other 1-D parameter (PReLU slopes, ...) and all
     parameters of normalization layers.
@@ -52,17 +53,25 @@ def param_groups(model: torch.nn.Module, weight_decay_norm_and_bias: bool = True
                 continue
             seen.add(id(param))
             exempt = param.ndim <= 1 or isinstance(module, NORM_LAYERS)
-            (no_decay if exempt and not weight_decay_norm_and_bias else decay).append(param)
+            (no_decay if exempt and not decay_norm_and_bias else decay).append(param)
     groups = [{"params": decay}] if decay else []
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
 
 
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "rmsprop": torch.optim.RMSprop,
+              "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
 def build_optimizer(optim_cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
-    options = OmegaConf.to_container(optim_cfg, resolve=True) if OmegaConf.is_config(optim_cfg) else dict(optim_cfg)
-    decay_all = options.pop("decay_norm_and_bias", True)
-    return instantiate(options, _convert_="all")(param_groups(model, decay_all))
+    """OPTIMIZERS[optim.name](param_groups(model, optim.decay_norm_and_bias), **the other optim keys)."""
+    name, cls, options = named_choice("optim", optim_cfg, OPTIMIZERS)
+    if "decay_norm_and_bias" not in options:
+        raise UserError(f"optim={name} needs optim.decay_norm_and_bias (true: weight decay on every parameter)")
+    decay_norm_and_bias = options.pop("decay_norm_and_bias")
+    check_arguments("optim", name, cls, options, passed=("params",), own=("decay_norm_and_bias",))
+    return cls(param_groups(model, decay_norm_and_bias), **options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,7 +79,10 @@ def build_optimizer(optim_cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
 # ---------------------------------------------------------------------------------------------
 
 def build_scheduler(sched_cfg, optimizer, epochs: int, steps_per_epoch: int) -> "Schedule":
-    return instantiate(sched_cfg, _convert_="all")(optimizer, epochs=epochs, steps_per_epoch=steps_per_epoch)
+    """SCHEDULES[sched.name](optimizer, epochs, steps_per_epoch, **the other sched keys)."""
+    name, factory, options = named_choice("sched", sched_cfg, SCHEDULES)
+    check_arguments("sched", name, factory, options, passed=("optimizer", "epochs", "steps_per_epoch"))
+    return factory(optimizer, epochs=epochs, steps_per_epoch=steps_per_epoch, **options)
 
 
 class Plateau:
@@ -129,7 +141,7 @@ class Schedule:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, decay: Callable[[float], float], steps_per_epoch: int,
-                 warmup_epochs: float = 0.0, interval: str = "step", plateau: Plateau | None = None):
+                 warmup_epochs: float, interval: str, plateau: Plateau | None = None):
         if interval not in ("step", "epoch"):
             raise UserError(f"sched.interval={interval}: use step (the lr changes every iteration) or epoch")
         self.units_per_epoch = steps_per_epoch if interval == "step" else 1
@@ -188,13 +200,13 @@ class Schedule:
 
 # --- the `sched=` options: factories called with (optimizer, epochs=, steps_per_epoch=) ---------
 
-def constant_schedule(optimizer, epochs: int, steps_per_epoch: int, warmup_epochs: float = 0.0,
-                      interval: str = "step") -> Schedule:
+def constant_schedule(optimizer, epochs: int, steps_per_epoch: int, warmup_epochs: float,
+                      interval: str) -> Schedule:
     return Schedule(optimizer, lambda t: 1.0, steps_per_epoch, warmup_epochs, interval)
 
 
 def step_schedule(optimizer, epochs: int, steps_per_epoch: int, every_epochs: float, factor: float,
-                  warmup_epochs: float = 0.0, interval: str = "step") -> Schedule:
+                  warmup_epochs: float, interval: str) -> Schedule:
     """factor ** floor(t / every_epochs)"""
     if every_epochs <= 0:
         raise UserError(f"sched.every_epochs={every_epochs}: must be positive")
@@ -203,27 +215,27 @@ def step_schedule(optimizer, epochs: int, steps_per_epoch: int, every_epochs: fl
 
 
 def multistep_schedule(optimizer, epochs: int, steps_per_epoch: int, milestones: list, factor: float,
-                       warmup_epochs: float = 0.0, interval: str = "step") -> Schedule:
+                       warmup_epochs: float, interval: str) -> Schedule:
     """factor ** (number of milestones <= t)"""
     milestones = sorted(milestones)
     return Schedule(optimizer, lambda t: factor ** sum(t + 1e-9 >= m for m in milestones), steps_per_epoch,
                     warmup_epochs, interval)
 
 
-def exponential_schedule(optimizer, epochs: int, steps_per_epoch: int, k: float, warmup_epochs: float = 0.0,
-                         interval: str = "step") -> Schedule:
+def exponential_schedule(optimizer, epochs: int, steps_per_epoch: int, k: float, warmup_epochs: float,
+                         interval: str) -> Schedule:
     """exp(-k t)"""
     return Schedule(optimizer, lambda t: math.exp(-k * t), steps_per_epoch, warmup_epochs, interval)
 
 
-def inverse_time_schedule(optimizer, epochs: int, steps_per_epoch: int, k: float, warmup_epochs: float = 0.0,
-                          interval: str = "step") -> Schedule:
+def inverse_time_schedule(optimizer, epochs: int, steps_per_epoch: int, k: float, warmup_epochs: float,
+                          interval: str) -> Schedule:
     """1 / (1 + k t)"""
     return Schedule(optimizer, lambda t: 1.0 / (1.0 + k * t), steps_per_epoch, warmup_epochs, interval)
 
 
-def cosine_schedule(optimizer, epochs: int, steps_per_epoch: int, warmup_epochs: float = 0.0,
-                    min_lr_ratio: float = 0.0, interval: str = "step") -> Schedule:
+def cosine_schedule(optimizer, epochs: int, steps_per_epoch: int, warmup_epochs: float,
+                    min_lr_ratio: float, interval: str) -> Schedule:
     """min_lr_ratio + (1 - min_lr_ratio) * (1 + cos(pi * t / T)) / 2, T = the epochs after the warmup."""
     if interval == "step":  # the warmup takes whole steps
         warmup_epochs = round(warmup_epochs * steps_per_epoch) / steps_per_epoch
@@ -234,9 +246,14 @@ def cosine_schedule(optimizer, epochs: int, steps_per_epoch: int, warmup_epochs:
     return Schedule(optimizer, cosine, steps_per_epoch, warmup_epochs, interval)
 
 
-def plateau_schedule(optimizer, epochs: int, steps_per_epoch: int, monitor: str = "val_loss", factor: float = 0.1,
-                     patience: int = 2, threshold: float = 1e-4, cooldown: int = 0, min_lr_ratio: float = 0.0,
-                     warmup_epochs: float = 0.0, interval: str = "step") -> Schedule:
+def plateau_schedule(optimizer, epochs: int, steps_per_epoch: int, monitor: str, factor: float, patience: int,
+                     threshold: float, cooldown: int, min_lr_ratio: float, warmup_epochs: float,
+                     interval: str) -> Schedule:
     """factor ** (plateaus of `monitor` so far); see Plateau."""
     plateau = Plateau(monitor, factor, patience, threshold, cooldown, min_lr_ratio)
     return Schedule(optimizer, lambda t: 1.0, steps_per_epoch, warmup_epochs, interval, plateau)
+
+
+SCHEDULES = {"constant": constant_schedule, "step": step_schedule, "multistep": multistep_schedule,
+             "exponential": exponential_schedule, "inverse_time": inverse_time_schedule,
+             "cosine": cosine_schedule, "plateau": plateau_schedule}

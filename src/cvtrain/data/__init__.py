@@ -6,12 +6,12 @@ import torch
 
 from cvtrain import UserError
 from cvtrain.data.augment import BatchAugment
-from cvtrain.data.loader import InMemoryLoader
+from cvtrain.data.loader import InMemoryLoader, epoch_seed
 from cvtrain.data.preprocess import Preprocessor, channel_stats
 from cvtrain.data.sources import SOURCES, Source, Split
 
-__all__ = ["BatchAugment", "DataBundle", "InMemoryLoader", "Preprocessor", "Split", "channel_stats", "load_data",
-           "stratified_split"]
+__all__ = ["BatchAugment", "DataBundle", "InMemoryLoader", "Preprocessor", "Split", "channel_stats", "epoch_seed",
+           "load_data", "stratified_split"]
 
 
 @dataclass
@@ -54,12 +54,12 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int):
 def load_data(data_cfg, device=None, need_test: bool = False) -> DataBundle:
     """The configured splits, with data.preprocess fitted on the training split (on `device`, default CPU).
     `need_test` (trainer.test=true): a source without a test split is an error now, before any training."""
-    preprocess = Preprocessor(data_cfg.get("preprocess", "standardize"), data_cfg.get("whiten_eps", 1e-2))
-    if data_cfg.source not in SOURCES:
-        raise UserError(f"data.source='{data_cfg.source}' is unknown; choose one of {sorted(SOURCES)}")
-    source: Source = SOURCES[data_cfg.source](data_cfg)
+    preprocess = Preprocessor(data_cfg.preprocess, data_cfg.whiten_eps)
+    if data_cfg.name not in SOURCES:
+        raise UserError(f"data.name={data_cfg.name} is unknown; choose one of {', '.join(SOURCES)}")
+    source: Source = SOURCES[data_cfg.name](data_cfg)
     if need_test and source.test is None:
-        raise UserError(f"data.source={data_cfg.source} has no test split; set trainer.test=false")
+        raise UserError(f"data={data_cfg.name} has no test split; set trainer.test=false")
     train, val = source.train, source.val
     if val is None:
         if not 0 < data_cfg.val_fraction < 1:

@@ -38,13 +38,14 @@ import torch
 import torch.nn.functional as F
 
 from cvtrain import UserError
+from cvtrain.data.loader import epoch_seed
 
 log = logging.getLogger("cvtrain")
 
 # RGB -> luma (ITU-R 601, as torchvision's rgb_to_grayscale) and RGB -> YIQ
 LUMA = (0.299, 0.587, 0.114)
 _YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-MIX_SEED_OFFSET = 1 << 40  # mix generators never share a seed with the loader's (seed * 100_003 + epoch)
+MIX_SEED_OFFSET = 1 << 40  # mix generators never share a seed with the loader's (data.loader.epoch_seed)
 
 
 def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
@@ -81,11 +82,12 @@ def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Te
 
 
 def random_affine(x: torch.Tensor, gen: torch.Generator, degrees: float = 0.0, translate: float = 0.0,
-                  shear: float = 0.0, stretch=(1.0, 1.0), crop_scale=None, crop_ratio=(3 / 4, 4 / 3)):
+                  shear: float = 0.0, stretch=(1.0, 1.0), crop_scale=None, crop_ratio=None):
     """One bilinear warp per image, all in one F.affine_grid + F.grid_sample call.
 
     With `crop_scale` (min, max area fraction), a random resized crop comes first: a window
-    of that area and aspect ratio in `crop_ratio` (log-uniform), inside the image (its sides
+    of that area and aspect ratio in `crop_ratio` (min, max width/height, log-uniform; required
+    with crop_scale), inside the image (its sides
     clamped to the image's), scaled to the full size. The crop is then rotated by up to
     +-`degrees`, sheared parallel to x by up to +-`shear` degrees, stretched by independent
     factors in `stretch` along x and y, and shifted by up to +-`translate` of the size.
@@ -122,11 +124,6 @@ def random_affine(x: torch.Tensor, gen: torch.Generator, degrees: float = 0.0, t
     inside = (grid.abs() <= 1).all(3, keepdim=True).movedim(3, 1)  # B, 1, H, W
     warped = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return warped * inside
-
-
-def random_resized_crop(x: torch.Tensor, gen: torch.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """A random window of `scale` of the area and aspect ratio in `ratio`, resized to the full size."""
-    return random_affine(x, gen, crop_scale=scale, crop_ratio=ratio)
 
 
 # --- color -----------------------------------------------------------------------------
@@ -218,8 +215,7 @@ def pca_color(x: torch.Tensor, gen: torch.Generator, std: float, eig=None) -> to
 
 # --- erasing ---------------------------------------------------------------------------
 
-def random_erasing(x: torch.Tensor, gen: torch.Generator, p: float = 0.5, scale=(0.02, 0.33),
-                   ratio=(0.3, 3.3), value=None) -> torch.Tensor:
+def random_erasing(x: torch.Tensor, gen: torch.Generator, p: float, scale, ratio, value=None) -> torch.Tensor:
     """Random erasing (Zhong et al. 2020) / cutout (DeVries & Taylor 2017): with probability p,
     a rectangle of `scale` of the image area and aspect ratio (h/w) in `ratio` (log-uniform),
     sides clamped to the image, at a uniform position, is filled with `value` (default: the
@@ -279,8 +275,9 @@ def soft_targets(y_a: torch.Tensor, y_b: torch.Tensor, lam: float, num_classes: 
 
 
 def mix_generator(seed: int, step: int) -> torch.Generator:
-    """The generator of the mixing from training step `step` on (a resumed run replays it)."""
-    return torch.Generator().manual_seed(MIX_SEED_OFFSET + seed * 100_003 + step)
+    """The generator of the mixing from training step `step` on (a resumed run replays it): the
+    loader's seed formula with the step for the epoch, offset by MIX_SEED_OFFSET."""
+    return torch.Generator().manual_seed(MIX_SEED_OFFSET + epoch_seed(seed, step))
 
 
 class BatchMix:
@@ -342,12 +339,11 @@ def _check(aug_cfg) -> None:
 class BatchAugment:
     """The `aug` config group's per-image ops as a callable on float batches in [0, 1] (see the
     module docstring for the order). Falsy when it would change nothing (the loader skips it);
-    mixup/cutmix are BatchMix's. `pca`: (eigenvalues, eigenvectors) from rgb_pca(training images)
-    for pca_color_std; without it, each batch's own RGB covariance is used."""
+    mixup/cutmix are BatchMix's. pca_color_std uses each batch's own RGB covariance."""
 
-    def __init__(self, aug_cfg, pca=None):
+    def __init__(self, aug_cfg):
         _check(aug_cfg)
-        self.cfg, self.pca = aug_cfg, pca
+        self.cfg = aug_cfg
         self.affine = aug_cfg.resized_crop or aug_cfg.rotation_degrees > 0 or aug_cfg.translate > 0 or \
             aug_cfg.shear_degrees > 0 or list(aug_cfg.stretch) != [1, 1]
         self.jitter = any(getattr(aug_cfg, k) > 0 for k in ("brightness", "contrast", "saturation", "hue"))
@@ -379,7 +375,7 @@ class BatchAugment:
         if c.grayscale_p > 0:
             x = random_grayscale(x, gen, c.grayscale_p)
         if c.pca_color_std > 0:
-            x = pca_color(x, gen, c.pca_color_std, self.pca)
+            x = pca_color(x, gen, c.pca_color_std)
         if c.erasing_p > 0:
             x = random_erasing(x, gen, c.erasing_p, tuple(c.erasing_scale), tuple(c.erasing_ratio))
         return x

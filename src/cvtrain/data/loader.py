@@ -6,11 +6,16 @@ from cvtrain.data.preprocess import Preprocessor
 from cvtrain.data.sources import Split
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of epoch `epoch`'s generator (batch order and augmentation) in a run with `seed`."""
+    return seed * 100_003 + epoch
+
+
 class InMemoryLoader:
     """Iterates over (images, labels) batches of a Split that lives on `device`.
 
     The order (and augmentation) of epoch e is drawn from a generator seeded with
-    (seed, e), so any epoch can be replayed exactly, e.g. after a resume.
+    epoch_seed(seed, e), so any epoch can be replayed exactly, e.g. after a resume.
     Each float batch on [0, 1] goes through `preprocess` (a fitted Preprocessor, data.preprocess)
     after augmentation; without one, it is standardized with the per-channel `mean` and `std`.
     """
@@ -24,9 +29,6 @@ class InMemoryLoader:
         # drop a ragged last batch only when there is a full one (batch norm needs > 1 sample)
         self.drop_last = drop_last and len(self.labels) >= batch_size
         if preprocess is None:
-            shape = (1, -1, 1, 1)
-            self.mean = mean.to(device, torch.float32).view(shape)
-            self.std = std.to(device, torch.float32).view(shape)
             preprocess = Preprocessor.standardize(mean, std)
         self.preprocess = preprocess.to(device)
         self.epoch = 0
@@ -39,7 +41,7 @@ class InMemoryLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self):
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         n = len(self.labels)
         order = torch.randperm(n, generator=gen).to(self.images.device) if self.shuffle else None
         for i in range(len(self)):

@@ -70,7 +70,7 @@ class Preprocessor:
     out = ((x - mean).flatten(1) @ matrix).view_as(x).
     """
 
-    def __init__(self, method: str = "standardize", eps: float = 1e-2, stats: dict | None = None):
+    def __init__(self, method: str, eps: float = 1e-2, stats: dict | None = None):
         if method not in METHODS:
             raise UserError(f"data.preprocess='{method}' is unknown; choose one of {', '.join(METHODS)}")
         if method.endswith("_whiten") and not eps >= 0:

@@ -63,9 +63,10 @@ def load_digits(cfg) -> Source:
 
 def load_synthetic(cfg) -> Source:
     """Learnable images: each class is a smooth random prototype, samples add pixel noise."""
-    c, s, k = cfg.channels, cfg.image_size or 32, cfg.num_classes
-    if min(c, s, k, cfg.num_samples) < 1 or cfg.num_test < 0:
-        raise UserError("data=synthetic needs channels, image_size, num_classes, num_samples >= 1")
+    c, s, k = cfg.channels, cfg.image_size, cfg.num_classes
+    if s is None or min(c, s, k, cfg.num_samples) < 1 or cfg.num_test < 0:
+        raise UserError("data=synthetic needs data.channels, data.image_size, data.num_classes, "
+                        "data.num_samples >= 1 and data.num_test >= 0")
     gen = torch.Generator().manual_seed(1000 + cfg.split_seed)
     coarse = torch.rand(k, c, 4, 4, generator=gen)
     prototypes = torch.nn.functional.interpolate(coarse, size=(s, s), mode="bilinear", align_corners=False)
@@ -83,7 +84,7 @@ def load_synthetic(cfg) -> Source:
 
 # --- torchvision datasets ------------------------------------------------------------
 
-# source name -> (torchvision class, folder under root, files that must be there)
+# data.name -> (torchvision class, folder under root, files that must be there)
 _MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 TORCHVISION = {
@@ -113,9 +114,11 @@ def _to_split(dataset, name: str) -> Split:
 def load_torchvision(cfg) -> Source:
     import torchvision.datasets as tvd
 
-    name = cfg.source
+    name = cfg.name
     cls_name, folder, files = TORCHVISION[name]
-    root = Path(os.path.expanduser(cfg.root or "data")).resolve()
+    if not cfg.root:
+        raise UserError(f"data={name} needs data.root=<dir> (the folder that holds {folder}/)")
+    root = Path(os.path.expanduser(cfg.root)).resolve()
     missing = _missing_files(root, folder, files)
     how = (f"Put the files there (data.root=<dir that holds {folder}/>), "
            f"or run once with internet access and data.download=true.")

@@ -12,6 +12,8 @@ inputs of at least 29x29.
 variant=small: stem a single conv 3x3/1 with 2 * growth_rate = 64 channels, as the paper's CIFAR
 networks (32 -> 32, 16, 8, 4 over the blocks; 28 -> 28, 14, 7, 3). Needs at least 8x8.
 variant=auto picks imagenet for inputs of 64 px and up, small below.
+
+Initialization (model.init=native): torchvision's, see native_init.
 """
 import torch
 import torch.nn as nn
@@ -20,7 +22,6 @@ import torch.nn.functional as F
 from cvtrain.models.registry import pick_variant, require_min_side, register_model
 
 GROWTH_RATE, BLOCK_CONFIG, BN_SIZE, COMPRESSION = 32, (6, 12, 24, 16), 4, 0.5
-
 
 
 class DenseLayer(nn.Module):
@@ -68,6 +69,19 @@ class Transition(nn.Sequential):
         )
 
 
+def native_init(model: nn.Module) -> None:
+    """model.init=native, torchvision's densenet.py: convs He normal (fan_in, gain sqrt(2)), BatchNorm
+    weight 1, bias 0, the classifier's bias 0 (its weight keeps PyTorch's default)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.Linear):
+            nn.init.constant_(m.bias, 0)
+
+
 class DenseNet(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, small_stem: bool = False, dropout: float = 0.0,
                  growth_rate: int = GROWTH_RATE, block_config=BLOCK_CONFIG, bn_size: int = BN_SIZE,
@@ -93,14 +107,7 @@ class DenseNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.classifier = nn.Linear(channels, num_classes)
-        for m in self.modules():  # torchvision's initialization
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
-            elif isinstance(m, nn.Linear):
-                nn.init.constant_(m.bias, 0)
+        native_init(self)
 
     def forward(self, x):
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))

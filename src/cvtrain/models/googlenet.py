@@ -9,6 +9,8 @@ average pool, dropout, FC 1024 -> classes. Needs inputs of at least 15x15.
 variant=small: the stem's first conv is 3x3/1 and its first max-pool is dropped, so 32x32 inputs
 reach the inception stages at 16, 8, 4 pixels (28x28: 14, 7, 4). Needs at least 4x4.
 variant=auto picks imagenet for inputs of 64 px and up, small below.
+
+Initialization (model.init=native): torchvision's, see native_init.
 """
 import torch
 import torch.nn as nn
@@ -29,6 +31,17 @@ INCEPTION_STAGES = {
                    (384, 192, 384, 48, 128, 128)],  # 5b
 }
 
+
+def native_init(model: nn.Module) -> None:
+    """model.init=native, torchvision's googlenet.py (init_weights=True): conv and Linear weights
+    truncated normal, std 0.01, cut at +-2; BatchNorm weight 1, bias 0 (the convs have no bias; the
+    FC's keeps PyTorch's default until the output-layer rule zeroes it)."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.trunc_normal_(m.weight, mean=0.0, std=0.01, a=-2, b=2)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
 
 
 class BasicConv2d(nn.Module):
@@ -91,12 +104,7 @@ class GoogLeNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.dropout = nn.Dropout(p=dropout)
         self.fc = nn.Linear(self.inception5[-1].out_channels, num_classes)
-        for m in self.modules():  # torchvision's init_weights=True
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.trunc_normal_(m.weight, mean=0.0, std=0.01, a=-2, b=2)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
+        native_init(self)
 
     def forward(self, x):
         x = self.maxpool1(self.conv1(x))

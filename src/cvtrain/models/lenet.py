@@ -5,6 +5,8 @@ modern (the lecture table): conv 20@5x5 pad 2 -> ReLU -> maxpool 2 -> conv 50@5x
 classic (LeCun et al. 1998, on 32x32 input; 28x28 digits are padded by 2 as in the paper):
   conv 6@5x5 -> tanh -> avgpool 2 -> conv 16@5x5 -> tanh -> avgpool 2 -> FC 120 -> tanh -> FC 84 -> tanh
   -> FC classes (the paper's RBF output layer is replaced by a linear one, as is usual).
+
+Initialization (model.init=native): PyTorch's default layer init, left as the layers set it.
 """
 import torch.nn as nn
 

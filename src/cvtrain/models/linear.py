@@ -1,4 +1,8 @@
-"""Linear classifier: the score function f(x) = W x + b on flattened pixels."""
+"""Linear classifier: the score function f(x) = W x + b on flattened pixels.
+
+Initialization: its one layer is the output layer, so every scheme but zeros ends at weights of
+root-mean-square at most 0.1 / sqrt(pixels) and bias 0 (models/init.py): small random numbers.
+"""
 import torch.nn as nn
 
 from cvtrain.models.registry import register_model

@@ -1,4 +1,7 @@
-"""Multi-layer perceptron: fully connected layers with a nonlinearity between them."""
+"""Multi-layer perceptron: fully connected layers with a nonlinearity between them.
+
+Initialization (model.init=native): PyTorch's default layer init, left as the layers set it.
+"""
 import torch
 import torch.nn as nn
 

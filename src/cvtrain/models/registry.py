@@ -1,27 +1,43 @@
 """Model registry: a family registers a builder under a name; a config's `name` picks it.
 
-    @register_model("lenet")
+    @register_model                     # the name is the function's: "lenet"
     def lenet(in_shape, num_classes, **options) -> nn.Module: ...
 
+    @register_model("resnet20")         # an explicit name
+    @register_model(kind="fitted")      # fitted, named after the function
+
     create_model("lenet", in_shape=(1, 28, 28), num_classes=10)
+    model_kind("lenet") == "trained"
+
+A model is of one of two kinds. "trained": an nn.Module whose weights the optimizer loop learns.
+"fitted": an object with fit(x, y, num_classes) / predict(x) that needs no gradient loop (kNN).
+Code that treats the kinds differently asks model_kind(name), never compares names.
 """
 import inspect
 
-import torch.nn as nn
-
 from cvtrain import UserError
 
-_MODELS = {}
+KINDS = ("trained", "fitted")
+_MODELS = {}  # name -> builder
+_KIND = {}  # name -> one of KINDS
 
 
-def register_model(name: str):
-    def add(builder):
-        if name in _MODELS:
-            raise ValueError(f"model '{name}' is registered twice")
-        _MODELS[name] = builder
+def register_model(name=None, *, kind: str = "trained"):
+    """Register a builder; usable as @register_model, @register_model(), @register_model("name"),
+    @register_model(kind="fitted"). Without a name the builder's __name__ is used."""
+    if kind not in KINDS:
+        raise ValueError(f"model kind '{kind}' is unknown; choose one of {', '.join(KINDS)}")
+
+    def add(builder, model_name=None):
+        model_name = model_name or builder.__name__
+        if model_name in _MODELS:
+            raise ValueError(f"model '{model_name}' is registered twice")
+        _MODELS[model_name], _KIND[model_name] = builder, kind
         return builder
 
-    return add
+    if callable(name):  # bare @register_model
+        return add(name)
+    return lambda builder: add(builder, name)
 
 
 VARIANTS = ("auto", "imagenet", "small")
@@ -46,14 +62,26 @@ def require_min_side(label: str, variant: str, in_shape, need: int) -> None:
         raise UserError(f"{label}'s {variant} form needs images of at least {need}x{need}; got {h}x{w}. {hint}")
 
 
-def list_models() -> list[str]:
-    return sorted(_MODELS)
+def list_models(kind: str | None = None) -> list[str]:
+    """The registered names, sorted; only those of `kind` ("trained" | "fitted") when given."""
+    return sorted(name for name in _MODELS if kind is None or _KIND[name] == kind)
 
 
-def create_model(name: str, in_shape: tuple[int, int, int], num_classes: int, **options) -> nn.Module:
-    """Build model `name` for images of shape (C, H, W) and `num_classes` classes."""
+def _require_known(name) -> None:
     if name not in _MODELS:
         raise UserError(f"unknown model '{name}'; registered models: {', '.join(list_models())}")
+
+
+def model_kind(name: str) -> str:
+    """'trained' (an nn.Module for the optimizer loop) or 'fitted' (fit/predict, no gradient loop)."""
+    _require_known(name)
+    return _KIND[name]
+
+
+def create_model(name: str, in_shape: tuple[int, int, int], num_classes: int, **options):
+    """Build model `name` for images of shape (C, H, W) and `num_classes` classes, as its constructor
+    initializes it (model.init=native); build_model applies model.init and the output-layer rule."""
+    _require_known(name)
     builder = _MODELS[name]
     accepted = set(inspect.signature(builder).parameters) - {"in_shape", "num_classes"}
     unknown = sorted(set(options) - accepted)

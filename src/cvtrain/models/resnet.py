@@ -11,14 +11,14 @@ stages (64, 128, 256, 512 planes) of BasicBlocks (18, 34) or Bottlenecks (50, th
 3x3 conv), 1x1 conv + BN projection shortcuts where the shape changes, global average pool, FC.
 variant=small replaces the stem by a 3x3/1 conv without max-pool (32 -> 32, 16, 8, 4 over the
 stages), the usual adaptation to CIFAR; variant=auto picks imagenet for inputs of 64 px and up.
+
+Initialization (model.init=native): torchvision's, see native_init.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cvtrain import UserError
 from cvtrain.models.registry import pick_variant, register_model
-
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -86,8 +86,9 @@ class PadShortcut(nn.Module):
         return F.pad(x, (0, 0, 0, 0, 0, self.planes - x.shape[1]))
 
 
-def _init_weights(model: nn.Module) -> None:
-    """torchvision's initialization (He et al. 2015 for the convs)."""
+def native_init(model: nn.Module) -> None:
+    """model.init=native, torchvision's resnet.py: convs He normal with fan_out (He et al. 2015,
+    nonlinearity relu), BatchNorm weight 1, bias 0; the FC keeps PyTorch's default Linear init."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -113,7 +114,7 @@ class CifarResNet(nn.Module):
         self.layer3 = self._make_layer(64, n, stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(64, num_classes)
-        _init_weights(self)
+        native_init(self)
 
     def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
         downsample = None
@@ -150,7 +151,7 @@ class ResNet(nn.Module):
         self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(512 * block.expansion, num_classes)
-        _init_weights(self)
+        native_init(self)
 
     def _make_layer(self, block, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
         downsample = None

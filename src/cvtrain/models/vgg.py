@@ -10,11 +10,12 @@ variant=imagenet: AdaptiveAvgPool 7x7 -> FC 25088-4096-4096-classes with dropout
 variant=small: the head of the common CIFAR VGGs: the 512-channel 1x1 map (global average pool on
 larger inputs) -> FC 512-512-classes with dropout.
 variant=auto picks imagenet for inputs of 64 px and up, small below.
+
+Initialization (model.init=native): torchvision's, see native_init.
 """
 import torch
 import torch.nn as nn
 
-from cvtrain import UserError
 from cvtrain.models.registry import pick_variant, register_model
 
 cfgs = {
@@ -23,7 +24,6 @@ cfgs = {
     "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
     "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
 }
-
 
 
 def make_layers(cfg, in_channels: int, height: int, width: int, batch_norm: bool = False) -> nn.Sequential:
@@ -43,6 +43,26 @@ def make_layers(cfg, in_channels: int, height: int, width: int, batch_norm: bool
     return nn.Sequential(*layers)
 
 
+def native_init(model: nn.Module, variant: str) -> None:
+    """model.init=native, torchvision's vgg.py: convs He normal with fan_out (relu), bias 0; BatchNorm
+    weight 1, bias 0; Linear N(0, 0.01^2), bias 0. The small head's hidden Linears get He normal
+    (fan_in) instead: N(0, 0.01^2) scales a 512-wide layer's signal by ~0.2, and a plain VGG then
+    barely learns."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.Linear):
+            if variant == "imagenet":
+                nn.init.normal_(m.weight, 0, 0.01)
+            else:
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            nn.init.constant_(m.bias, 0)
+
+
 class VGG(nn.Module):
     def __init__(self, features: nn.Module, num_classes: int, variant: str = "imagenet", dropout: float = 0.5):
         super().__init__()
@@ -58,19 +78,7 @@ class VGG(nn.Module):
             nn.Dropout(p=dropout),
             nn.Linear(hidden, num_classes),
         )
-        for m in self.modules():  # torchvision's initialization; He init for the small head
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.constant_(m.bias, 0)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
-            elif isinstance(m, nn.Linear):
-                if variant == "imagenet":
-                    nn.init.normal_(m.weight, 0, 0.01)
-                else:  # N(0, 0.01) scales a 512-wide layer's signal by ~0.2: a plain VGG then barely learns
-                    nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-                nn.init.constant_(m.bias, 0)
+        native_init(self, variant)
 
     def forward(self, x):
         x = self.avgpool(self.features(x))

@@ -2,7 +2,7 @@
 
     python -m cvtrain task=augviz aug=strong data=cifar10 data.root=...
 
-Row r of the grid is training image r as stored (first column) followed by `views`
+Row r of the grid is training image r (of the first task.images) as stored (first column) followed by task.views
 augmented copies of it, drawn as training would draw them: the aug group's per-image
 ops (BatchAugment, seeded with trainer.seed like the loader's first epoch), then mixup /
 cutmix when they are on (BatchMix, mixing the views with each other). Pixels are shown
@@ -17,6 +17,9 @@ from torchvision.utils import make_grid, save_image
 
 from cvtrain.data import BatchAugment, load_data
 from cvtrain.data.augment import BatchMix, mix_generator
+from cvtrain.data.loader import epoch_seed
+from cvtrain.device import resolve_device
+from cvtrain.monitor import group_choices
 
 
 @torch.no_grad()
@@ -27,7 +30,7 @@ def augmented_grid(images: torch.Tensor, labels: torch.Tensor, aug_cfg, seed: in
     y = labels.repeat(views)
     augment = BatchAugment(aug_cfg)
     if augment:
-        x = augment(x, torch.Generator().manual_seed(seed * 100_003))  # the loader's epoch-0 seed
+        x = augment(x, torch.Generator().manual_seed(epoch_seed(seed, 0)))  # as the loader's first epoch
     mix = BatchMix(aug_cfg)
     if mix:
         x, *_ = mix(x, y, mix_generator(seed, 0))
@@ -36,18 +39,20 @@ def augmented_grid(images: torch.Tensor, labels: torch.Tensor, aug_cfg, seed: in
     return tiles.flatten(0, 1)
 
 
-def augviz(cfg, run_dir: Path, preset: str, device: torch.device, images: int = 16, views: int = 7) -> Path:
-    """Write the grid of the first `images` training images to TensorBoard and augviz.png; return the PNG."""
+def run(cfg, run_dir: Path, emit=print) -> None:
+    """The task: write the grid of the first task.images training images, each with task.views augmented
+    views, to TensorBoard and augviz.png; print the PNG's path."""
     run_dir = Path(run_dir)
+    device = resolve_device(cfg.trainer.device)
     data = load_data(cfg.data)
-    count = min(images, len(data.train))
+    count = min(cfg.task.images, len(data.train))
     tiles = augmented_grid(data.train.images[:count].to(device), data.train.labels[:count].to(device), cfg.aug,
-                           cfg.trainer.seed, views)
-    grid = make_grid(tiles.clamp(0, 1).cpu(), nrow=views + 1, padding=2, pad_value=1.0)
+                           cfg.trainer.seed, cfg.task.views)
+    grid = make_grid(tiles.clamp(0, 1).cpu(), nrow=cfg.task.views + 1, padding=2, pad_value=1.0)
     run_dir.mkdir(parents=True, exist_ok=True)
     png = run_dir / "augviz.png"
     save_image(grid, png)
     writer = SummaryWriter(str(run_dir / "tb"))
-    writer.add_image(f"augviz/{preset}", grid, 0)
+    writer.add_image(f"augviz/{group_choices().get('aug', 'custom')}", grid, 0)
     writer.close()
-    return png
+    emit(str(png))

@@ -1,10 +1,10 @@
 """task=lr_find: the learning-rate range test (Smith 2017, "Cyclical Learning Rates for Training
 Neural Networks", sec. 3.3; fastai's lr_find).
 
-    python -m cvtrain task=lr_find [model=... optim=... data=...] [trainer.lr_find_steps=100]
+    python -m cvtrain task=lr_find [model=... optim=... data=...] [task.steps=100]
 
-A fresh model of the configured model, loss, reg, optim and data trains for trainer.lr_find_steps
-steps while the learning rate grows exponentially from trainer.lr_find_start to trainer.lr_find_end
+A fresh model of the configured model, loss, reg, optim and data trains for task.steps steps
+while the learning rate grows exponentially from task.start to task.end
 (optim.lr and the sched group are not used; aug's per-image ops are, mixup/cutmix are not). After
 every step it records the loss and a smoothed loss (a bias-corrected exponential moving average,
 SMOOTHING), and it stops early when the loss is not finite or the smoothed loss exceeds
@@ -21,17 +21,22 @@ lr_find/smoothed_loss and lr_find/lr against the step; the plot as the image lr_
 result as the text lr_find/result). Prints a short result whose last line is `suggested_lr=<lr>`.
 Nothing is saved to the configs or checkpoints.
 """
-import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
+from torchvision.utils import save_image
 
 from cvtrain import UserError
-
-log = logging.getLogger("cvtrain")
+from cvtrain.data import BatchAugment, InMemoryLoader, load_data
+from cvtrain.device import resolve_device
+from cvtrain.loop import training_step
+from cvtrain.losses import Regularizer, build_loss
+from cvtrain.models import build_model, model_kind
+from cvtrain.optim import build_optimizer
 
 SMOOTHING = 0.9  # EMA weight of the past: ~10 steps of memory (fastai's 0.98 lags ~50 steps behind the lr)
 EXPLODE = 4.0  # stop when the smoothed loss exceeds this x its best value so far
@@ -41,10 +46,10 @@ MIN_POINTS = 5  # fewer recorded steps than this: no suggestion
 def lr_sequence(start: float, end: float, steps: int) -> list[float]:
     """`steps` learning rates growing exponentially (evenly spaced on a log scale) from start to end."""
     if steps < MIN_POINTS:
-        raise UserError(f"trainer.lr_find_steps={steps}: the range test needs at least {MIN_POINTS} steps "
+        raise UserError(f"task.steps={steps}: the range test needs at least {MIN_POINTS} steps "
                         "(100 is usual)")
     if not 0 < start < end:
-        raise UserError(f"trainer.lr_find_start={start:g} and trainer.lr_find_end={end:g}: need "
+        raise UserError(f"task.start={start:g} and task.end={end:g}: need "
                         "0 < start < end (defaults 1e-7 and 10)")
     return [start * (end / start) ** (i / (steps - 1)) for i in range(steps)]
 
@@ -82,7 +87,7 @@ def suggest_lr(lrs, smoothed) -> float:
     """The lr of steepest descent of the smoothed loss against log10(lr), before its minimum."""
     if len(lrs) < MIN_POINTS:
         raise UserError(f"the range test stopped after {len(lrs)} steps, too few for a suggestion: the loss "
-                        f"exploded right away; lower trainer.lr_find_start (now {lrs[0] if lrs else '?'})")
+                        f"exploded right away; lower task.start (now {lrs[0] if lrs else '?'})")
     x = torch.tensor(lrs, dtype=torch.float64).log10()
     y = torch.tensor(smoothed, dtype=torch.float64)
     end = max(int(y.argmin()), 2) + 1  # up to the minimum, at least 3 points
@@ -110,28 +115,20 @@ def plot(result: RangeTest, suggested: float, title: str) -> torch.Tensor:
     return figure_to_tensor(fig)
 
 
-def lr_find_task(cfg, run_dir: Path, emit=print) -> float:
-    """task=lr_find: the range test on the configured model/optimizer/data; returns the suggested lr."""
-    from torch.utils.tensorboard import SummaryWriter
-    from torchvision.utils import save_image
-
-    from cvtrain.data import BatchAugment, InMemoryLoader, load_data
-    from cvtrain.losses import Regularizer, build_loss
-    from cvtrain.optim import build_optimizer
-    from cvtrain.train import build_model, resolve_device
-
-    if cfg.model.name == "knn":
-        raise UserError("task=lr_find: model=knn has no learning rate (it memorizes the training set); "
+def run(cfg, run_dir: Path, emit=print) -> float:
+    """The task: the range test on the configured model/optimizer/data; returns the suggested lr."""
+    if model_kind(cfg.model.name) != "trained":
+        raise UserError(f"task=lr_find: model={cfg.model.name} has no learning rate (it is fitted, not trained); "
                         "choose a trained model, e.g. model=lenet")
-    t = cfg.trainer
-    lrs = lr_sequence(t.lr_find_start, t.lr_find_end, t.lr_find_steps)
-    device = resolve_device(t.device)
-    torch.manual_seed(t.seed)
+    t = cfg.task
+    lrs = lr_sequence(t.start, t.end, t.steps)
+    device = resolve_device(cfg.trainer.device)
+    torch.manual_seed(cfg.trainer.seed)
     data = load_data(cfg.data, device)
-    model = build_model(cfg, data.shape, data.num_classes).to(device).train()
+    model = build_model(cfg.model, data.shape, data.num_classes).to(device).train()
     loss_fn, regularizer, optimizer = build_loss(cfg.loss), Regularizer(cfg.reg, model), build_optimizer(cfg.optim, model)
     loader = InMemoryLoader(data.train, cfg.data.batch_size, device=device, shuffle=True, preprocess=data.preprocess,
-                            augment=BatchAugment(cfg.aug), seed=t.seed, drop_last=True)
+                            augment=BatchAugment(cfg.aug), seed=cfg.trainer.seed, drop_last=True)
 
     def batches():
         epoch = 0
@@ -145,16 +142,7 @@ def lr_find_task(cfg, run_dir: Path, emit=print) -> float:
     def train_step(lr: float) -> float:
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = next(stream)
-        loss = loss_fn(model(x), y)
-        if regularizer:
-            loss = loss + regularizer()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        regularizer.clip_grad_()
-        optimizer.step()
-        regularizer.project_()
-        return loss.item()
+        return training_step(model, *next(stream), loss_fn, optimizer, regularizer).loss.item()
 
     result = range_test(train_step, lrs)
     suggested = suggest_lr(result.lrs, result.smoothed)
@@ -166,7 +154,7 @@ def lr_find_task(cfg, run_dir: Path, emit=print) -> float:
         f.writelines(f"{i},{lr:.6g},{loss:.6g},{s:.6g}\n"
                      for i, (lr, loss, s) in enumerate(zip(result.lrs, result.losses, result.smoothed)))
     best = min(range(len(result.smoothed)), key=result.smoothed.__getitem__)
-    name = f"{cfg.model.name} + {cfg.optim.get('_target_', 'optim').rsplit('.', 1)[-1]} on {cfg.data.source}"
+    name = f"{cfg.model.name} + {cfg.optim.name} on {cfg.data.name}"
     lines = [f"lr range test: {name}, {len(result.lrs)} of {len(lrs)} steps, lr {lrs[0]:.3g} to {lrs[-1]:.3g}"
              + (f" (stopped: {result.stopped})" if result.stopped else ""),
              f"smoothed loss: {result.smoothed[0]:.4g} at the start, lowest {result.smoothed[best]:.4g} "

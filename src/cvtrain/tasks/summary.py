@@ -1,4 +1,4 @@
-"""The layer table of a model (task=summary): output shapes, weight shapes, parameters, multiply-adds.
+"""task=summary: the layer table of a model: output shapes, weight shapes, parameters, multiply-adds.
 
 One row per leaf module, in the order the forward pass calls them (never-called leaves last).
 Multiply-adds (MACs) of one image are counted with forward hooks:
@@ -7,11 +7,16 @@ Multiply-adds (MACs) of one image are counted with forward hooks:
     anything else (pooling, normalization, activations, ...): 0
 """
 import math
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-# data.source -> ((C, H, W), classes), known without loading the data
+from cvtrain.data import load_data
+from cvtrain.models import build_model, model_kind
+from cvtrain.table import format_table
+
+# data.name -> ((C, H, W), classes), known without loading the data
 GEOMETRY = {
     "digits": ((1, 28, 28), 10),
     "mnist": ((1, 28, 28), 10),
@@ -25,13 +30,10 @@ CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 def data_geometry(data_cfg) -> tuple[tuple, int]:
     """((C, H, W), classes) of the configured data; loads it only when it is not known up front."""
-    if data_cfg.source == "synthetic":
-        side = data_cfg.image_size or 32
-        return (data_cfg.channels, side, side), data_cfg.num_classes
-    if data_cfg.source in GEOMETRY:
-        return GEOMETRY[data_cfg.source]
-    from cvtrain.data import load_data
-
+    if data_cfg.name == "synthetic":
+        return (data_cfg.channels, data_cfg.image_size, data_cfg.image_size), data_cfg.num_classes
+    if data_cfg.name in GEOMETRY:
+        return GEOMETRY[data_cfg.name]
     data = load_data(data_cfg)
     return data.shape, data.num_classes
 
@@ -92,32 +94,29 @@ def _shape(shape) -> str:
     return "-" if shape is None else "x".join(map(str, shape))
 
 
-def format_table(rows: list[dict], totals: dict) -> str:
+def layer_table(rows: list[dict], totals: dict) -> str:
     """The table as text; its last line is exactly `params=<int> macs=<int>`."""
     header = ("layer", "type", "output", "weight", "params", "MACs")
-    lines = [("input", "", _shape(totals["input"]), "", "", "")]
-    lines += [(r["name"] or "(model)", r["type"], _shape(r["output"]), _shape(r["weight"]),
-               f"{r['params']:,}", f"{r['macs']:,}") for r in rows]
-    lines.append(("total", "", _shape(totals["output"]), "", f"{totals['params']:,}", f"{totals['macs']:,}"))
-    widths = [max(len(line[i]) for line in [header, *lines]) for i in range(len(header))]
-
-    def fmt(line):
-        return "  ".join(cell.rjust(w) if i >= 4 else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths)))
-
-    rule = "-" * len(fmt(header))
-    text = [fmt(header), rule, *map(fmt, lines[:-1]), rule, fmt(lines[-1])]
-    return "\n".join(line.rstrip() for line in text) + f"\nparams={totals['params']} macs={totals['macs']}"
+    body = [("input", "", _shape(totals["input"]), "", "", "")]
+    body += [(r["name"] or "(model)", r["type"], _shape(r["output"]), _shape(r["weight"]),
+              f"{r['params']:,}", f"{r['macs']:,}") for r in rows]
+    footer = ("total", "", _shape(totals["output"]), "", f"{totals['params']:,}", f"{totals['macs']:,}")
+    table = format_table(header, body, right=(4, 5), footer=footer)
+    return f"{table}\nparams={totals['params']} macs={totals['macs']}"
 
 
 def model_summary(cfg) -> str:
-    """task=summary: the table of cfg.model built for cfg.data's geometry (CPU, eval mode, one image)."""
-    from cvtrain.train import build_model
-
+    """The table of cfg.model built for cfg.data's geometry (CPU, eval mode, one image)."""
     shape, num_classes = data_geometry(cfg.data)
-    if cfg.model.name == "knn":
-        return (f"knn has no layers or trained parameters: it stores the training images ({_shape(shape)} "
-                f"each) and compares every query with all of them\nparams=0 macs=0")
-    model = build_model(cfg, shape, num_classes)
+    if model_kind(cfg.model.name) == "fitted":
+        return (f"{cfg.model.name} is fitted, not trained: no layers or trained parameters; it stores the "
+                f"training images ({_shape(shape)} each) and compares every query with them\nparams=0 macs=0")
+    model = build_model(cfg.model, shape, num_classes)
     rows, totals = summarize(model, shape)
     title = f"{cfg.model.name} on {_shape(shape)} images, {num_classes} classes"
-    return f"{title}\n{format_table(rows, totals)}"
+    return f"{title}\n{layer_table(rows, totals)}"
+
+
+def run(cfg, run_dir: Path, emit=print) -> None:
+    """The task: print the table."""
+    emit(model_summary(cfg))

@@ -1,0 +1,328 @@
+"""task=train: train cfg.model on cfg.data. Three parts share one TrainState; read them top to bottom:
+
+    setup(cfg, run_dir)   data, model, loss, optimizer, schedule, loaders, resume, logger
+    fit(state)            the epochs: training steps (loop.training_step), validation, checkpoints
+    finish(state)         the test split, visualizations, summary.json
+
+train() chains them and closes the logger on every exit path; run() is the task function (it
+returns the objective, the best validation accuracy). A fitted model (the registry's kind
+"fitted": kNN) has no optimizer loop: run() hands it to tasks/knn.py.
+
+Seams for what comes next, as plain code: wrap `state.model` (DDP) at the end of setup(); add an
+EMA copy or per-step checkpoints after `training_step` in train_one_epoch(); check a stop flag
+(a signal handler) between steps and epochs in fit().
+"""
+import logging
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from cvtrain import TrainingDiverged, UserError
+from cvtrain.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from cvtrain.data import BatchAugment, InMemoryLoader, load_data
+from cvtrain.data.augment import BatchMix, mix_generator
+from cvtrain.device import resolve_device
+from cvtrain.loop import evaluate, training_step
+from cvtrain.losses import Regularizer, build_loss
+from cvtrain.models import build_model, model_kind
+from cvtrain.monitor import RunLogger, TrainingMonitor, run_hparams, write_summary
+from cvtrain.optim import build_optimizer, build_scheduler
+from cvtrain.tasks import knn
+from cvtrain.tasks.sanity import require_sanity
+
+log = logging.getLogger("cvtrain")
+
+
+@dataclass
+class TrainState:
+    """Everything the three parts share: what setup() built, and the counters fit() advances."""
+    cfg: Any
+    run_dir: Path
+    device: torch.device
+    data: Any  # cvtrain.data.DataBundle
+    model: torch.nn.Module
+    loss_fn: Any
+    regularizer: Regularizer
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # cvtrain.optim.Schedule
+    train_loader: InMemoryLoader
+    val_loader: InMemoryLoader
+    logger: RunLogger = None
+    monitor: TrainingMonitor = None
+    epoch: int = 0  # completed epochs
+    step: int = 0  # completed optimizer steps
+    best_val_acc: float = -1.0
+    best_epoch: int = 0
+    val_acc: float = math.nan  # of the last epoch
+    train_time: float = 0.0  # seconds in training steps (not validation)
+    train_images: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def setup(cfg, run_dir: Path) -> TrainState:
+    """Check the config, load the data, build everything, restore a checkpoint (trainer.resume)."""
+    run_dir = Path(run_dir)
+    device = resolve_device(cfg.trainer.device)
+    resume = load_checkpoint(cfg.trainer.resume) if cfg.trainer.resume else None
+    if resume and resume["epoch"] >= cfg.trainer.epochs:
+        raise UserError(f"{cfg.trainer.resume} already holds {resume['epoch']} epochs; "
+                        f"set trainer.epochs above that to train on")
+    if cfg.trainer.epochs < 1:
+        raise UserError(f"trainer.epochs={cfg.trainer.epochs}: train for at least 1 epoch")
+    torch.manual_seed(cfg.trainer.seed)
+    augment = BatchAugment(cfg.aug)  # checks the aug values before any data is loaded
+    data = load_data(cfg.data, device, need_test=cfg.trainer.test)  # data.preprocess is fitted on train
+    if cfg.trainer.sanity:
+        require_sanity(cfg, data, device)  # initial loss, regularization, overfit a tiny subset
+    model = build_model(cfg.model, data.shape, data.num_classes).to(device)
+    optimizer = build_optimizer(cfg.optim, model)
+    train_loader = InMemoryLoader(data.train, cfg.data.batch_size, device=device, shuffle=True,
+                                  preprocess=data.preprocess,  # applied after augmentation
+                                  augment=augment, seed=cfg.trainer.seed, drop_last=True)
+    state = TrainState(
+        cfg=cfg, run_dir=run_dir, device=device, data=data, model=model, loss_fn=build_loss(cfg.loss),
+        regularizer=Regularizer(cfg.reg, model), optimizer=optimizer,
+        scheduler=build_scheduler(cfg.sched, optimizer, cfg.trainer.epochs, len(train_loader)),
+        train_loader=train_loader,
+        val_loader=InMemoryLoader(data.val, cfg.data.eval_batch_size, device=device, preprocess=data.preprocess))
+    if resume:
+        _restore(state, resume)
+    state.logger = RunLogger(run_dir, run_hparams(cfg))
+    state.monitor = TrainingMonitor(model, cfg.trainer, state.logger)
+    log.info("%s: %d parameters | data %s %s, %d train / %d val images | device %s | run dir %s",
+             cfg.model.name, state.params, cfg.data.name, data.shape, len(data.train), len(data.val), device, run_dir)
+    return state
+
+
+def fit(state: TrainState) -> None:
+    """Train from state.epoch to trainer.epochs: an epoch of steps, validation, the schedule's epoch
+    step, metrics, checkpoints (last.pt every epoch, best.pt on a new best validation accuracy)."""
+    cfg = state.cfg
+    for epoch in range(state.epoch, cfg.trainer.epochs):
+        state.train_loader.set_epoch(epoch)
+        t0 = time.perf_counter()
+        train_loss, train_acc = train_one_epoch(state, desc=f"epoch {epoch + 1}/{cfg.trainer.epochs}")
+        epoch_time = time.perf_counter() - t0
+        state.train_time += epoch_time
+        state.train_images += len(state.train_loader) * cfg.data.batch_size  # drop_last: full batches only
+        val_loss, state.val_acc = evaluate(state.model, state.val_loader, state.loss_fn)
+        state.scheduler.step_epoch(val_loss, state.val_acc)  # epoch-interval schedules and sched=plateau
+        state.epoch = epoch + 1
+
+        record = {"epoch": state.epoch, "step": state.step, "train_loss": train_loss, "train_acc": train_acc,
+                  "val_loss": val_loss, "val_acc": state.val_acc, "lr": state.optimizer.param_groups[0]["lr"],
+                  "epoch_time_s": epoch_time}
+        state.logger.scalars({"train/acc": train_acc, "val/loss": val_loss, "val/acc": state.val_acc}, state.step)
+        state.logger.epoch_record(record)
+        log.info("epoch %d/%d  train loss %.4f acc %.2f%% | val loss %.4f acc %.2f%% | lr %.3g | %.1fs",
+                 state.epoch, cfg.trainer.epochs, train_loss, 100 * train_acc, val_loss, 100 * state.val_acc,
+                 record["lr"], epoch_time)
+
+        improved = state.val_acc > state.best_val_acc
+        if improved:
+            state.best_val_acc, state.best_epoch = state.val_acc, state.epoch
+        if cfg.trainer.checkpoint:
+            checkpoint = checkpoint_state(state)
+            save_checkpoint(state.run_dir / "checkpoints" / "last.pt", checkpoint)
+            if improved:
+                save_checkpoint(state.run_dir / "checkpoints" / "best.pt", checkpoint)
+
+
+def train_one_epoch(state: TrainState, desc: str) -> tuple[float, float]:
+    """One pass over the training data: (mean loss, accuracy). The per-step losses and lr go to
+    TensorBoard every trainer.log_every steps (one host sync each time), where the loss guard
+    also looks at them (TrainingDiverged)."""
+    cfg, model = state.cfg, state.model
+    model.train()
+    mix, mix_gen = BatchMix(cfg.aug), mix_generator(cfg.trainer.seed, state.step)  # aug.mixup/cutmix_alpha
+    pending = Pending(state.step, with_reg=bool(state.regularizer))
+    total_loss = torch.zeros((), device=state.device)
+    correct = torch.zeros((), device=state.device, dtype=torch.long)
+    seen = 0
+    show_bar = cfg.trainer.progress and sys.stderr.isatty()
+    with tqdm(total=len(state.train_loader), desc=desc, disable=not show_bar, leave=False, unit="batch") as bar:
+        for i, (x, y) in enumerate(state.train_loader):
+            lr = state.optimizer.param_groups[0]["lr"]
+            out = training_step(model, x, y, state.loss_fn, state.optimizer, state.regularizer,
+                                mix=(lambda x, y: mix(x, y, mix_gen)) if mix else None,
+                                monitor=state.monitor, step=state.step)
+            state.scheduler.step_batch()
+            pending.add(out, lr)
+            total_loss += out.loss * len(out.labels)
+            correct += (out.scores.argmax(1) == out.labels).sum()
+            seen += len(out.labels)
+            state.step += 1
+            bar.update()
+            if len(pending) >= cfg.trainer.log_every or i == len(state.train_loader) - 1:
+                bar.set_postfix(loss=f"{pending.flush(state.logger, state.monitor, state.step):.4f}")
+    return total_loss.item() / seen, correct.item() / seen
+
+
+class Pending:
+    """Per-step values (losses, lr) held on the device between flushes to TensorBoard."""
+
+    def __init__(self, first_step: int, with_reg: bool):
+        self.first, self.with_reg = first_step, with_reg
+        self.values = {"train/loss": [], "train/data_loss": [], "train/reg_loss": [], "opt/lr": []}
+
+    def __len__(self) -> int:
+        return len(self.values["opt/lr"])
+
+    def add(self, step, lr: float) -> None:
+        self.values["train/loss"].append(step.loss)
+        if self.with_reg:
+            self.values["train/data_loss"].append(step.data_loss)
+            self.values["train/reg_loss"].append(step.reg_loss)
+        self.values["opt/lr"].append(lr)
+
+    def flush(self, logger: RunLogger, monitor: TrainingMonitor, next_step: int) -> float:
+        """Write everything since the last flush (one host sync); the loss guard checks the losses
+        first (TrainingDiverged). Returns the last loss."""
+        losses = torch.stack(self.values["train/loss"]).tolist()
+        monitor.check_losses(losses, self.first)
+        for tag, values in self.values.items():
+            if values:
+                logger.series(tag, losses if tag == "train/loss" else
+                              values if tag == "opt/lr" else torch.stack(values).tolist(), self.first)
+        self.first = next_step
+        self.values = {tag: [] for tag in self.values}
+        return losses[-1]
+
+
+def checkpoint_state(state: TrainState) -> dict:
+    """The checkpoint of the run as it is now: a plain dict (see cvtrain/checkpoint.py)."""
+    data = state.data
+    return {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+            "scheduler": state.scheduler.state_dict(), "epoch": state.epoch, "step": state.step,
+            "best_val_acc": state.best_val_acc, "best_epoch": state.best_epoch, "rng": rng_state(),
+            "config": OmegaConf.to_container(state.cfg, resolve=True),
+            "data": {"mean": data.mean, "std": data.std, "preprocess": data.preprocess.state_dict(),
+                     "classes": list(data.classes), "shape": list(data.shape)}}
+
+
+def finish(state: TrainState) -> dict:
+    """After the last epoch: the test split and the visualizations (of the best checkpoint's
+    weights), then summary.json. Returns the summary."""
+    cfg = state.cfg
+    summary = {"status": "completed", "best_val_acc": state.best_val_acc, "best_epoch": state.best_epoch,
+               "final_val_acc": state.val_acc, "epochs": state.epoch,
+               "train_time_s": round(time.perf_counter() - state.started, 3),
+               "train_images_per_s": round(state.train_images / max(state.train_time, 1e-9), 1),
+               "params": state.params, "device": str(state.device), **state.monitor.summary()}
+    weights = _load_best(state) if cfg.trainer.test or cfg.trainer.viz else "final"
+    if cfg.trainer.test:
+        loader = InMemoryLoader(state.data.test, cfg.data.eval_batch_size, device=state.device,
+                                preprocess=state.data.preprocess)
+        test_loss, summary["test_acc"] = evaluate(state.model, loader, state.loss_fn)
+        log.info("test (%s model): loss %.4f acc %.2f%% on %d images", weights, test_loss,
+                 100 * summary["test_acc"], len(state.data.test))
+    if cfg.trainer.viz:
+        _visualize(state, weights)
+    state.logger.summary(summary, state.step)
+    write_summary(state.run_dir, summary)
+    log.info("done: best val acc %.2f%% (epoch %d)%s | %.1f s, %.0f train images/s | %s",
+             100 * state.best_val_acc, state.best_epoch,
+             f" | test acc {100 * summary['test_acc']:.2f}%" if "test_acc" in summary else "",
+             summary["train_time_s"], summary["train_images_per_s"], state.run_dir)
+    return summary
+
+
+def train(cfg, run_dir: Path) -> dict:
+    """setup -> fit -> finish; returns the summary. A diverged run (TrainingDiverged) keeps its last
+    good checkpoint and writes a summary.json with status "diverged" before the error goes on."""
+    state = setup(cfg, run_dir)
+    try:
+        fit(state)
+        return finish(state)
+    except TrainingDiverged as err:
+        write_summary(state.run_dir, {"status": "diverged", "reason": str(err), "epochs": state.epoch,
+                                      "best_val_acc": state.best_val_acc if state.best_epoch else None,
+                                      "best_epoch": state.best_epoch, "params": state.params,
+                                      "device": str(state.device), **state.monitor.summary()})
+        raise
+    finally:
+        state.logger.close()
+
+
+def run(cfg, run_dir: Path) -> float:
+    """The task function: train (or fit) and return the best validation accuracy."""
+    if model_kind(cfg.model.name) == "fitted":
+        return knn.run(cfg, run_dir)
+    return train(cfg, run_dir)["best_val_acc"]
+
+
+def _restore(state: TrainState, saved: dict) -> None:
+    """trainer.resume: the saved model, optimizer state, schedule position, counters and RNG state."""
+    cfg = state.cfg
+    for group in ("model", "optim"):
+        before, now = saved["config"][group], OmegaConf.to_container(cfg[group], resolve=True)
+        if before.get("name") != now.get("name") or (group == "model" and before != now):
+            raise UserError(f"trainer.resume: the checkpoint was trained with {group} {before}, but this run "
+                            f"asks for {now}; resume with the same {group} settings")
+    try:
+        state.model.load_state_dict(saved["model"])
+    except RuntimeError as err:
+        raise UserError(f"trainer.resume: the checkpoint's weights do not fit this model on this data "
+                        f"(trained on images {saved['data']['shape']}): {str(err).splitlines()[-1].strip()}") from None
+    # the optimizer's state (momentum, Adam moments) comes back; its settings (lr, betas, ...) are this run's
+    optimizer = state.optimizer
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(saved["optimizer"])
+    except ValueError as err:  # e.g. another optim.decay_norm_and_bias: other parameter groups
+        raise UserError(f"trainer.resume: the checkpoint's optimizer state does not fit this optimizer ({err}); "
+                        "resume with the same optim settings") from None
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)
+    # continue at the saved step and epoch (and plateau state), on this run's schedule shape:
+    # its optim.lr, and a longer trainer.epochs stretches it
+    state.scheduler.load_state_dict(saved["scheduler"])
+    set_rng_state(saved["rng"])
+    state.epoch, state.step = saved["epoch"], saved["step"]
+    state.best_val_acc, state.best_epoch = saved["best_val_acc"], saved["best_epoch"]
+    _carry_best_checkpoint(Path(cfg.trainer.resume), state.run_dir)
+    log.info("resumed from %s at epoch %d", cfg.trainer.resume, state.epoch)
+
+
+def _carry_best_checkpoint(resume_path: Path, run_dir: Path) -> None:
+    """A resumed run dir starts with the best checkpoint so far, so it is complete on its own."""
+    best = resume_path.parent / "best.pt"
+    if best.is_file() and best.resolve() != (run_dir / "checkpoints" / "best.pt").resolve():
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(best, run_dir / "checkpoints" / "best.pt")
+
+
+def _load_best(state: TrainState) -> str:
+    """Put the best checkpoint's weights into the model (once, for the test split and the
+    visualizations); returns which weights it now holds: "best", or "final" without checkpoints."""
+    best = state.run_dir / "checkpoints" / "best.pt"
+    if not (state.cfg.trainer.checkpoint and best.exists()):
+        return "final"
+    state.model.load_state_dict(load_checkpoint(best, map_location=state.device)["model"])
+    return "best"
+
+
+def _visualize(state: TrainState, weights: str) -> None:
+    """trainer.viz: filters or templates, confusion matrix, misclassified images and the projector
+    (cvtrain/viz.py) to TensorBoard and <run dir>/viz/, drawn from the model as it is (`weights`).
+    A failure here is logged, not raised: the training run itself is complete."""
+    try:
+        from cvtrain.viz import write_visualizations  # imports matplotlib: only when used
+
+        files = write_visualizations(state.model, state.val_loader, state.data, state.logger.writer,
+                                     state.run_dir, state.step)
+        log.info("visualizations of the %s model: %s in %s", weights, ", ".join(files), state.run_dir / "viz")
+    except Exception as err:  # noqa: BLE001
+        log.warning("visualizations failed (trainer.viz=false skips them): %s", err, exc_info=True)
