@@ -244,6 +244,15 @@ def test_unknown_option_lists_the_available_ones(tmp_path, run_cli):
     assert {"lenet", "linear", "mlp"} <= set(listed), proc.stdout
 
 
+def test_unknown_task_is_hydras_error_before_any_directory(tmp_path, run_cli):
+    proc = run_cli(["task=nosuchtask"], tmp_path)
+    assert proc.returncode != 0
+    assert "Could not find 'task/nosuchtask'" in proc.stdout
+    listed = proc.stdout.split("Available options in 'task':")[1].split("Config search path")[0].split()
+    assert set(listed) == {"train", "summary", "sanity", "gradcheck", "lr_find", "augviz"}, proc.stdout
+    assert not (tmp_path / "outputs").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="tests the message on a machine without CUDA")
 def test_cuda_without_cuda_is_a_user_error(cuda_run):
     output = user_error(cuda_run)
@@ -267,6 +276,7 @@ def test_help_lists_groups_and_options(tmp_path, run_cli):
     assert {"lenet", "linear", "mlp"} <= set(groups["model"].split(", "))
     assert {"adam", "sgd"} <= set(groups["optim"].split(", "))
     assert {"digits", "synthetic", "mnist", "imagefolder"} <= set(groups["data"].split(", "))
+    assert {"train", "summary", "lr_find"} <= set(groups["task"].split(", "))
 
 
 # --- sweeps ---------------------------------------------------------------------------------------

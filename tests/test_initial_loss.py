@@ -44,11 +44,9 @@ CASES = [pytest.param(name, geometry, overrides,
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def report_losses():
+    """After the module (pytest -s shows it): every model's initial loss beside ln C (one thread: conftest)."""
     yield
-    torch.set_num_threads(before)
     if LOSSES:
         print("\ninitial loss / ln(C):", *(f"  {k}: {v[0]:.3f} / {v[1]:.3f} ({v[2]:.1f} s)"
                                          for k, v in LOSSES.items()), sep="\n")

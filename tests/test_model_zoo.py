@@ -28,15 +28,6 @@ SMALL_GEOMETRIES = [(1, 28, 28), (3, 32, 32), (2, 20, 36)]  # digits, CIFAR, any
 CONFIG_DIR = importlib.resources.files("cvtrain.configs") / "model"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on shared cores, two OpenMP threads that wait for each other run 5x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -17,6 +17,7 @@ Images shown are the stored uint8 pixels, not the preprocessed tensors the model
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -132,12 +133,6 @@ def confusion_counts(labels: torch.Tensor, preds: torch.Tensor, num_classes: int
     return torch.bincount(flat, minlength=num_classes**2).view(num_classes, num_classes)
 
 
-def confusion_matrix(model: nn.Module, loader, num_classes: int) -> torch.Tensor:
-    """The confusion matrix of `model` on `loader`: row = true class, column = predicted class."""
-    preds, labels, _ = predict(model, loader)
-    return confusion_counts(labels, preds, num_classes)
-
-
 def _figure():
     """A matplotlib Figure with an Agg canvas (no pyplot, no global backend)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -150,7 +145,6 @@ def _figure():
 
 def figure_to_tensor(fig) -> torch.Tensor:
     """A drawn figure as a (3, H, W) float image on [0, 1]."""
-    import numpy as np
 
     fig.canvas.draw()
     rgba = np.asarray(fig.canvas.buffer_rgba())

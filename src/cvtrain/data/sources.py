@@ -13,6 +13,9 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torchvision.datasets as tvd
+import torchvision.transforms.functional as TF
+from PIL import Image
 
 from cvtrain import UserError
 
@@ -112,8 +115,6 @@ def _to_split(dataset, name: str) -> Split:
 
 
 def load_torchvision(cfg) -> Source:
-    import torchvision.datasets as tvd
-
     name = cfg.name
     cls_name, folder, files = TORCHVISION[name]
     if not cfg.root:
@@ -140,7 +141,6 @@ def load_torchvision(cfg) -> Source:
 # --- a directory of images -------------------------------------------------------------
 
 def _image_files(split_dir: Path):
-    from PIL import Image
 
     extensions = {ext.lower() for ext in Image.registered_extensions()}
     classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
@@ -152,8 +152,6 @@ def _image_files(split_dir: Path):
 
 
 def _decode(files, image_size: Optional[int]) -> Split:
-    from PIL import Image
-    import torchvision.transforms.functional as TF
 
     modes = set()
     for path, _ in files:  # opening reads only the header
