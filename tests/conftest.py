@@ -40,8 +40,8 @@ def _run_cli(args, cwd, env=None, timeout=180) -> subprocess.CompletedProcess:
 
 
 def _run_dir(cwd) -> Path:
-    """The one single-run directory, cwd/outputs/<date>/<time>_<data>_<model>_<optim>/."""
-    dirs = sorted(p for p in Path(cwd, "outputs").glob("*/*") if p.is_dir() and p.parent.name != "multirun")
+    """The one single-run directory, cwd/outputs/<date>/<time>_<data>_<model>_<optim>/ (not a sweep's)."""
+    dirs = sorted(p for p in Path(cwd, "outputs").glob("*/*") if p.is_dir() and not p.parent.name.startswith("sweep-"))
     assert len(dirs) == 1, f"expected exactly one run dir under {cwd}/outputs, found {dirs}"
     return dirs[0]
 

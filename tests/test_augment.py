@@ -578,7 +578,7 @@ def test_cli_augviz_writes_png_and_tensorboard_image(augviz_run):
     padding = image[:2].flatten(0, 1)
     assert padding.min() == 255  # white padding between the tiles
     assert tiles.std() > 10 and not torch.equal(tiles[:, :, 0], tiles[:, :, 1])  # pictures; views differ
-    (events,) = (run.run_dir / "tb").iterdir()
+    (events,) = run.run_dir.glob("events.out.tfevents.*")
     acc = EventAccumulator(str(events), size_guidance={"images": 0})
     acc.Reload()
     assert acc.Tags()["images"] == ["augviz/cifar"]

@@ -25,7 +25,7 @@ def read_summary(run_dir) -> dict:
 
 
 def load_events(run_dir) -> EventAccumulator:
-    (events,) = (run_dir / "tb").glob("events.out.tfevents.*")  # beside it: the projector's files (trainer.viz)
+    (events,) = run_dir.glob("events.out.tfevents.*")  # directly in the run dir: the run's name in TensorBoard
     acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
     acc.Reload()
     return acc
@@ -131,8 +131,8 @@ def test_run_dir_layout(mlp_dir):
     assert re.fullmatch(r"\d{2}-\d{2}-\d{2}_synthetic_mlp_adam", mlp_dir.name)
     assert "name: mlp" in (mlp_dir / ".hydra" / "config.yaml").read_text()
     assert (mlp_dir / "cvtrain.log").is_file()
-    tb = list((mlp_dir / "tb").glob("events.out.tfevents.*"))
-    assert len(tb) == 1 and tb[0].is_file()
+    tb = list(mlp_dir.glob("events.out.tfevents.*"))
+    assert len(tb) == 1 and tb[0].is_file() and not (mlp_dir / "tb").exists()
     assert (mlp_dir / "viz" / "confusion_matrix.png").is_file()
     assert {p.name for p in (mlp_dir / "checkpoints").iterdir()} == {"last.pt", "best.pt"}
 
@@ -163,9 +163,8 @@ def test_tensorboard_scalars(mlp_dir):
     assert values(events, "train/acc").keys() == values(events, "val/loss").keys() == {3, 6}
     assert [r["val_acc"] for r in read_metrics(mlp_dir)] == pytest.approx(list(values(events, "val/acc").values()))
 
-    ratio_tags = {t for t in tags if t.startswith("update_ratio/")} - {"update_ratio/reference_1e-3",
-                                                                         "update_ratio/median"}
-    assert ratio_tags == {"update_ratio/1.weight", "update_ratio/3.weight"}  # weight matrices, not biases
+    ratio_tags = {t for t in tags if t.startswith("update_ratio/")} - {"update_ratio/median"}
+    assert ratio_tags == {"update_ratio/fc1.weight", "update_ratio/fc2.weight"}  # weight matrices, not biases
     medians = values(events, "update_ratio/median")
     for step, median in medians.items():  # the upper median of the two tensors' ratios
         assert median == pytest.approx(max(values(events, t)[step] for t in ratio_tags))
@@ -194,9 +193,16 @@ def test_tensorboard_per_step_series(mlp_dir):
 
 def test_tensorboard_hparams(mlp_dir):
     content = load_events(mlp_dir).PluginTagToContent("hparams")
-    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(content)
-    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    # the run is a session; the experiment (the columns) is the log dir's, in outputs/reference/
+    assert set(content) == {"_hparams_/session_start_info", "_hparams_/session_end_info"}
+    (reference,) = (mlp_dir.parents[1] / "reference").glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(reference))
+    acc.Reload()
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(
+        acc.PluginTagToContent("hparams")["_hparams_/experiment"]).experiment
     assert "summary/best_val_acc" in {m.name.tag for m in experiment.metric_infos}
+    assert {"model", "optim", "optim.lr", "model.hidden_sizes"} <= {h.name for h in experiment.hparam_infos}
+    assert not any(h.name.startswith("aug.") for h in experiment.hparam_infos)  # aug=none: unused keys left out
     session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
     hparams = session.session_start_info.hparams
     assert hparams["model"].string_value == "mlp"
@@ -216,7 +222,7 @@ def test_checkpoints_are_plain_and_complete(mlp_dir):
         assert data["shape"] == [3, 8, 8]
         assert data["classes"] == [f"class{i}" for i in range(10)]
         assert data["mean"].shape == data["std"].shape == (3,)
-        assert state["model"]["1.weight"].shape == (256, 192)
+        assert state["model"]["fc1.weight"].shape == (256, 192)
 
 
 # --- learning, and the test split --------------------------------------------------------------------
@@ -284,16 +290,18 @@ def test_help_lists_groups_and_options(tmp_path, run_cli):
 def test_multirun_makes_one_named_run_per_combination(sweep_run):
     assert sweep_run.proc.returncode == 0, sweep_run.output
     outputs = sweep_run.cwd / "outputs"
-    (sweep,) = (outputs / "multirun").iterdir()
+    (sweep,) = outputs.glob("sweep-*")
+    assert re.fullmatch(r"sweep-\d{4}-\d{6}", sweep.name)
     assert (sweep / "multirun.yaml").is_file()
     names = sorted(d.name for d in sweep.iterdir() if d.is_dir())
     assert len(names) == 4
     for model in ("linear", "mlp"):
         for optim in ("sgd", "adam"):
-            (name,) = [n for n in names if n.endswith(f"_synthetic_{model}_{optim}")]
-            assert re.fullmatch(r"[0-3]_synthetic_\w+", name)
+            (name,) = [n for n in names if n.endswith(f"_{model}_{optim}")]
+            assert re.fullmatch(rf"[0-3]_{model}_{optim}", name)  # short: <sweep>/<n>_<model>_<optim>
             assert read_summary(sweep / name)["epochs"] == 1
-    assert not list(outputs.glob("2*"))  # nothing outside the sweep dir
+    assert not list(outputs.glob("2*"))  # nothing outside the sweep dir but the log dir's HPARAMS experiment
+    assert {p.name for p in outputs.iterdir()} == {sweep.name, "reference"}
 
 
 # --- resume ---------------------------------------------------------------------------------------

@@ -124,16 +124,16 @@ def test_native_is_pytorchs_default_for_tanh_mlp_and_lenet_and_explicit_schemes_
         return build_model({"name": name, "init": scheme, **options}, shape, 10)
 
     mlp = build("mlp", "native", hidden_sizes=(500,), activation="tanh")
-    assert close(mlp[1].weight.std().item(), 1 / math.sqrt(3 * 1000))
+    assert close(mlp.fc1.weight.std().item(), 1 / math.sqrt(3 * 1000))
     lenet = build("lenet", "native")
-    conv2, fc1 = lenet.features[3], lenet.classifier[1]
+    conv2, fc1 = lenet.features.conv2, lenet.classifier.fc1
     assert close(conv2.weight.std().item(), 1 / math.sqrt(3 * 20 * 25))
     assert close(fc1.weight.std().item(), 1 / math.sqrt(3 * 2450))
 
     mlp = build("mlp", "xavier", hidden_sizes=(500,), activation="tanh")
-    assert close(mlp[1].weight.std().item(), math.sqrt(2 / (1000 + 500)))  # 1000 -> 500, xavier
+    assert close(mlp.fc1.weight.std().item(), math.sqrt(2 / (1000 + 500)))  # 1000 -> 500, xavier
     lenet = build("lenet", "kaiming")
-    conv2, fc1 = lenet.features[3], lenet.classifier[1]
+    conv2, fc1 = lenet.features.conv2, lenet.classifier.fc1
     assert close(conv2.weight.std().item(), math.sqrt(2 / (20 * 25)))  # kaiming, fan_in = 500
     assert close(fc1.weight.std().item(), math.sqrt(2 / 2450))
 
@@ -167,7 +167,7 @@ def test_the_output_layer_starts_small_under_every_scheme(name, shape, scheme):
 
 def test_the_output_layer_is_nins_last_conv_and_the_fc_elsewhere():
     nin = create_model("nin", (3, 32, 32), 10)
-    assert final_layer(nin, (3, 32, 32)) is nin.features[-1]
+    assert final_layer(nin, (3, 32, 32)) is nin.features.conv9 is nin.features[-1]
     assert final_layer(create_model("resnet50", (3, 32, 32), 10), (3, 32, 32)).out_features == 10
     assert final_layer(create_model("vgg11", (3, 32, 32), 10), (3, 32, 32)) is not None
 
@@ -190,7 +190,7 @@ def test_build_model_takes_a_dictconfig_or_a_dict(compose_config):
     torch.manual_seed(0)
     b = build_model({"name": "mlp", "hidden_sizes": [32, 16], "init": "kaiming"}, (1, 8, 8), 10)
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
-    assert a[1].out_features == 32
+    assert a.fc1.out_features == 32
     assert cfg.model.name == "mlp" and "init" in cfg.model  # the config is not consumed
 
 
@@ -264,7 +264,7 @@ def train_hidden_layer(scheme, steps=30):
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
-    return model[1].weight.detach()
+    return model.fc1.weight.detach()
 
 
 def test_zero_init_never_breaks_symmetry():

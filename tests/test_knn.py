@@ -63,4 +63,4 @@ def test_knn_run_writes_summary_and_tensorboard(run_cli, tmp_path):
     assert summary["k"] == 3 and summary["epochs"] == 0
     assert summary["best_val_acc"] > 0.5 and summary["cv_acc"] > 0.5 and "test_acc" in summary
     assert set(map(int, summary["val_acc_by_k"])) >= {1, 3, 5}
-    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    assert list(run_dir.glob("events.out.tfevents.*"))

@@ -102,7 +102,7 @@ def test_cli_writes_the_plot_the_csv_and_tensorboard(lr_find_run):
     lrs = [float(r["lr"]) for r in rows]
     assert run_dir.name.endswith("_lr_find_digits_lenet_adam")  # the task names its run dir
     assert lrs[0] == pytest.approx(1e-7) and lrs == sorted(lrs) and 10 <= len(rows) <= 100
-    (events,) = (run_dir / "tb").glob("events.out.tfevents.*")
+    (events,) = run_dir.glob("events.out.tfevents.*")
     acc = EventAccumulator(str(events), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
     assert [e.step for e in acc.Scalars("lr_find/loss")] == list(range(len(rows)))

@@ -20,13 +20,14 @@ def test_lenet_on_28x28_matches_the_hand_computation():
     rows, totals = summarize(model, (1, 28, 28))
     assert totals["params"] == sum(p.numel() for p in model.parameters()) == sum(r["params"] for r in rows)
     by_name = {r["name"]: r for r in rows}
-    expected = {"features.0": 20 * 28 * 28 * 25, "features.3": 50 * 14 * 14 * 20 * 25,
-                "classifier.1": 2450 * 500, "classifier.3": 500 * 10}
+    expected = {"features.conv1": 20 * 28 * 28 * 25, "features.conv2": 50 * 14 * 14 * 20 * 25,
+                "classifier.fc1": 2450 * 500, "classifier.fc2": 500 * 10}
     assert {name: by_name[name]["macs"] for name in expected} == expected
     assert totals["macs"] == sum(expected.values())
-    assert [by_name[n]["output"] for n in ("features.0", "features.2", "features.5", "classifier.0")] == \
+    assert [by_name[n]["output"] for n in ("features.conv1", "features.pool1", "features.pool2",
+                                           "classifier.flatten")] == \
         [(20, 28, 28), (20, 14, 14), (50, 7, 7), (2450,)]
-    assert by_name["classifier.1"]["weight"] == (500, 2450)
+    assert by_name["classifier.fc1"]["weight"] == (500, 2450)
     assert model.training  # summarize restores the mode it found
 
 
@@ -53,7 +54,7 @@ def test_cli_summary_prints_the_totals_and_writes_no_run_artifacts(run_cli, run_
     params = (3 * 25 * 20 + 20) + (20 * 25 * 50 + 50) + (3200 * 500 + 500) + (500 * 10 + 10)
     macs = 20 * 32 * 32 * 75 + 50 * 16 * 16 * 500 + 3200 * 500 + 500 * 10
     assert last == f"params={params} macs={macs}"
-    assert "features.0" in result.stdout and "20x32x32" in result.stdout
+    assert "features.conv1" in result.stdout and "20x32x32" in result.stdout
     run_dir = run_dir_of(tmp_path)
     assert {p.name for p in run_dir.iterdir()} <= {".hydra", "cvtrain.log"}
     assert run_dir.name.endswith("_summary_synthetic_lenet")  # not mistaken for a training run

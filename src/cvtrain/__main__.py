@@ -27,18 +27,22 @@ TASKS = {"train": train.run, "summary": summary.run, "sanity": sanity.run, "grad
 DIVERGED = 0.0  # the objective of a diverged trial: below any accuracy a real run reaches, and not NaN
 
 
-def run_name(task: str, data: str, model_option: str, model_name: str, optim: str, aug: str) -> str:
+def run_name(task: str, data: str, model_option: str, model_name: str, optim: str, aug: str, in_sweep: str = "") -> str:
     """The run dir's name after its time: what the run is, e.g. digits_lenet_adam (train),
     digits_knn (a fitted model: no optimizer), summary_digits_lenet, lr_find_digits_lenet_adam,
-    augviz_digits_cifar. Registered as the resolver ${run_name:...} of configs/config.yaml."""
+    augviz_digits_cifar. In a sweep (in_sweep="sweep") the data is left out, to keep TensorBoard's
+    run names short: <sweep dir>/<n>_lenet_adam. Registered as the resolver ${run_name:...} of
+    configs/config.yaml."""
     try:
         trained = model_kind(model_name) == "trained"
     except UserError:  # an unknown model.name: the task reports it, with the list of models
         trained = True
-    parts = {"train": [data, model_option] + ([optim] if trained else []),
-             "lr_find": [task, data, model_option, optim],
-             "sanity": [task, data, model_option] + ([optim] if trained else []),
-             "augviz": [task, data, aug]}.get(task, [task, data, model_option])
+    data = [] if in_sweep else [data]
+    optim = [optim] if trained else []
+    parts = {"train": [*data, model_option, *optim],
+             "lr_find": [task, *data, model_option, *optim],
+             "sanity": [task, *data, model_option, *optim],
+             "augviz": [task, *data, aug]}.get(task, [task, *data, model_option])
     return "_".join(parts)
 
 

@@ -13,21 +13,14 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
-from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from cvtrain import TrainingDiverged
-from cvtrain.config import NOT_HPARAMS, SYNTHETIC_ONLY
+from cvtrain.hparams import SUMMARY_METRICS, log_root, session_end, session_start, write_experiment
 
 log = logging.getLogger("cvtrain")
 
-# the final figures shown beside the hyperparameters in TensorBoard's HPARAMS tab
-SUMMARY_METRICS = ["best_val_acc", "final_val_acc", "test_acc", "train_time_s", "train_images_per_s",
-                   "update_ratio_log10"]
 DEAD_WARNING = 0.5  # warn once per layer when at least this fraction of its ReLU units is dead
-UPDATE_RATIO_REFERENCE = -3.0  # log10(1e-3): the course's rule of thumb for a healthy learning rate
 
 
 def upper_median(values):
@@ -39,16 +32,15 @@ def upper_median(values):
 def median_update_ratio(values: dict):
     """The median of the per-tensor log10 update/weight ratios among `values`, or None when there are none."""
     return upper_median(v for k, v in values.items()
-                        if k.startswith("update_ratio/") and not k.endswith(("/reference_1e-3", "/median")))
+                        if k.startswith("update_ratio/") and not k.endswith("/median"))
 
 
 class UpdateRatioMonitor:
     """log10(||w_after - w_before|| / ||w_before||) for each weight tensor (the change the
     optimizer step really made, whatever the optimizer), their median, and the gradient norm
-    of each, on the steps it is called for. Costs one copy of the weights on those steps only.
-    (`every` is TrainingMonitor's business; kept in the signature for callers.)"""
+    of each, on the steps it is called for. Costs one copy of the weights on those steps only."""
 
-    def __init__(self, model: torch.nn.Module, every: int = 1):
+    def __init__(self, model: torch.nn.Module):
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.dim() > 1]
         self._before = None
 
@@ -70,7 +62,6 @@ class UpdateRatioMonitor:
         if log_ratios:
             values["update_ratio/median"] = median_update_ratio(values)
         values.update({f"grad_norm/{name}": g for (name, _), g in zip(self.params, grad_norms)})
-        values["update_ratio/reference_1e-3"] = UPDATE_RATIO_REFERENCE
         return values
 
 
@@ -186,7 +177,8 @@ class TrainingMonitor:
 
     Every `monitor_every` steps: update/weight ratios, gradient norms and activation
     statistics (TensorBoard), and the learning-rate watch (a warning in the log);
-    every `histogram_every` steps: weight and gradient histograms. `check_losses`
+    every `histogram_every` steps and at the end of every epoch (`end_epoch`): weight and
+    gradient histograms, so a short run shows how they moved. `check_losses`
     stops a diverging run (LossGuard)."""
 
     def __init__(self, model: nn.Module, trainer_cfg, logger: "RunLogger"):
@@ -232,6 +224,11 @@ class TrainingMonitor:
                             " a too-high learning rate or a bad init kills them for good: lower optim.lr",
                             100 * value, layer, step)
 
+    def end_epoch(self, step: int) -> None:
+        """After the last step of an epoch: histograms (unless trainer.histogram_every=0)."""
+        if self.histogram_every > 0:
+            self.logger.histograms(self.model, step)
+
     def check_losses(self, losses: list, first_step: int) -> None:
         self.loss_guard.check(losses, first_step)
 
@@ -242,65 +239,48 @@ class TrainingMonitor:
         return {} if median is None else {"update_ratio_log10": round(median, 3)}
 
 
-def group_choices() -> dict:
-    """{group: option} as chosen on the command line or by the defaults (data, model, optim, ...),
-    from Hydra's runtime; {} outside a Hydra run (a test or script that composed the config itself)."""
-    if not HydraConfig.initialized():
-        return {}
-    return {group: str(choice) for group, choice in HydraConfig.get().runtime.choices.items()
-            if not group.startswith("hydra") and group not in ("trainer", "task") and choice is not None}
-
-
-def run_hparams(cfg) -> dict:
-    """The HPARAMS-tab row of a run: its config choices and the values that shape training."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    values = flatten_config({k: plain[k] for k in ("model", "loss", "reg", "optim", "sched", "aug", "data", "trainer")})
-    skip = NOT_HPARAMS | (SYNTHETIC_ONLY if plain["data"]["name"] != "synthetic" else set())
-    # TensorBoard takes bool, int, float and str values: lists and None become text
-    return {**group_choices(), **{k: v if isinstance(v, (bool, int, float, str)) else str(v)
-                                  for k, v in values.items() if k not in skip}}
-
-
 def write_summary(run_dir: Path, summary: dict) -> None:
     """<run dir>/summary.json: the one place it is written (every task that trains or fits)."""
     Path(run_dir, "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
-def flatten_config(node, prefix: str = "") -> dict:
-    """A nested config (plain dicts) as {"optim.lr": 0.001, "model.hidden_sizes": [512], ...}: one key per
-    leaf, values as they are. Also what scripts/compare_runs.py reads a run's .hydra/config.yaml with."""
-    out = {}
-    for key, value in (node or {}).items():
-        if isinstance(value, dict):
-            out.update(flatten_config(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 class RunLogger:
-    """One run's TensorBoard directory (run_dir/tb) and metrics.jsonl."""
+    """One run's TensorBoard event file (directly in the run dir, so the run's name in TensorBoard is
+    the run dir's path under the log dir) and metrics.jsonl; its HPARAMS session (cvtrain/hparams.py).
+    Inside a Hydra run it also rewrites the log dir's HPARAMS experiment, at the start and at close()."""
 
     def __init__(self, run_dir: Path, hparams: dict):
-        self.writer = SummaryWriter(str(run_dir / "tb"))
-        # hparams go into this run's own event file (add_hparams would make a stray sub-run)
-        metric_tags = {f"summary/{m}": 0.0 for m in SUMMARY_METRICS}
-        for summary in hparams_summary(hparams, metric_tags):
-            self.writer.file_writer.add_summary(summary)
+        self.writer = SummaryWriter(str(run_dir))
+        self.writer.file_writer.add_summary(session_start(hparams))
         self.writer.add_custom_scalars({"babysitting": {
-            "update/weight ratio, log10 (healthy near -3)": ["Multiline", ["update_ratio/.*"]],
+            "update/weight ratio, log10: the median over a run's weight tensors (healthy near -3)":
+                ["Multiline", ["update_ratio/median", "update_ratio/reference_1e-3"]],
+            "learning rate, log10": ["Multiline", ["opt/lr_log10"]],
             "loss": ["Multiline", ["train/loss", "val/loss"]],
             "accuracy": ["Multiline", ["train/acc", "val/acc"]],
         }})
         self.metrics_file = open(run_dir / "metrics.jsonl", "a")
+        self.root = log_root(run_dir)
+        self._update_experiment()
+
+    def _update_experiment(self) -> None:
+        if self.root is None:
+            return
+        try:
+            write_experiment(self.root)
+        except (OSError, ValueError) as err:  # a run rewriting it, or a half-written file of a run in progress
+            # at the same moment: the next write covers this run
+            log.warning("could not update the HPARAMS experiment in %s: %s", self.root, err)
 
     def scalars(self, values: dict, step: int) -> None:
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
 
     def series(self, tag: str, values: list, first_step: int) -> None:
+        """values[i] at step first_step + i; None: no point at that step."""
         for i, value in enumerate(values):
-            self.writer.add_scalar(tag, value, first_step + i)
+            if value is not None:
+                self.writer.add_scalar(tag, value, first_step + i)
 
     @torch.no_grad()
     def histograms(self, model: nn.Module, step: int) -> None:
@@ -314,11 +294,14 @@ class RunLogger:
         self.metrics_file.flush()
 
     def summary(self, summary: dict, step: int) -> None:
+        """The final figures as summary/<metric> scalars (the HPARAMS tab's metrics) and the session end."""
         for metric in SUMMARY_METRICS:
             value = summary.get(metric)
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self.writer.add_scalar(f"summary/{metric}", value, step)
+        self.writer.file_writer.add_summary(session_end(summary.get("status", "completed")))
 
     def close(self) -> None:
         self.writer.close()
         self.metrics_file.close()
+        self._update_experiment()

@@ -11,11 +11,17 @@ three 2x2 max-pools, FC 512-512-classes with dropout.
 
 variant=auto picks imagenet for inputs of 64 px and up, small below.
 
+Layer names, both forms (the scheme of models/names.py: <kind><n>, n counting that kind across the
+model): features.conv1, relu1, pool1, conv2, relu2, pool2, conv3, relu3, conv4, relu4, conv5, relu5,
+pool3; avgpool (imagenet form); classifier.dropout1, fc1, relu6, dropout2, fc2, relu7, fc3.
+
 Initialization (model.init=native): the ImageNet form keeps PyTorch's default layer init, as
 torchvision does (the paper's N(0, 0.01^2) weights with biases of 1 in conv2, conv4, conv5 and the
 hidden FCs were tuned to its own data scale and learning-rate schedule); the small form uses He
 normal (fan_in, relu) with biases 0, like the other small forms, see native_init_small.
 """
+from collections import OrderedDict
+
 import torch
 import torch.nn as nn
 
@@ -37,31 +43,31 @@ class AlexNet(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, dropout: float = 0.5):
         super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 64, kernel_size=11, stride=4, padding=2),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(kernel_size=3, stride=2),
-            nn.Conv2d(64, 192, kernel_size=5, padding=2),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(kernel_size=3, stride=2),
-            nn.Conv2d(192, 384, kernel_size=3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(384, 256, kernel_size=3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(256, 256, kernel_size=3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(kernel_size=3, stride=2),
-        )
+        self.features = nn.Sequential(OrderedDict([
+            ("conv1", nn.Conv2d(in_channels, 64, kernel_size=11, stride=4, padding=2)),
+            ("relu1", nn.ReLU(inplace=True)),
+            ("pool1", nn.MaxPool2d(kernel_size=3, stride=2)),
+            ("conv2", nn.Conv2d(64, 192, kernel_size=5, padding=2)),
+            ("relu2", nn.ReLU(inplace=True)),
+            ("pool2", nn.MaxPool2d(kernel_size=3, stride=2)),
+            ("conv3", nn.Conv2d(192, 384, kernel_size=3, padding=1)),
+            ("relu3", nn.ReLU(inplace=True)),
+            ("conv4", nn.Conv2d(384, 256, kernel_size=3, padding=1)),
+            ("relu4", nn.ReLU(inplace=True)),
+            ("conv5", nn.Conv2d(256, 256, kernel_size=3, padding=1)),
+            ("relu5", nn.ReLU(inplace=True)),
+            ("pool3", nn.MaxPool2d(kernel_size=3, stride=2)),
+        ]))
         self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
-        self.classifier = nn.Sequential(
-            nn.Dropout(p=dropout),
-            nn.Linear(256 * 6 * 6, 4096),
-            nn.ReLU(inplace=True),
-            nn.Dropout(p=dropout),
-            nn.Linear(4096, 4096),
-            nn.ReLU(inplace=True),
-            nn.Linear(4096, num_classes),
-        )
+        self.classifier = nn.Sequential(OrderedDict([
+            ("dropout1", nn.Dropout(p=dropout)),
+            ("fc1", nn.Linear(256 * 6 * 6, 4096)),
+            ("relu6", nn.ReLU(inplace=True)),
+            ("dropout2", nn.Dropout(p=dropout)),
+            ("fc2", nn.Linear(4096, 4096)),
+            ("relu7", nn.ReLU(inplace=True)),
+            ("fc3", nn.Linear(4096, num_classes)),
+        ]))
 
     def forward(self, x):
         x = self.avgpool(self.features(x))
@@ -73,30 +79,30 @@ class AlexNetSmall(nn.Module):
 
     def __init__(self, in_channels: int, height: int, width: int, num_classes: int, dropout: float = 0.5):
         super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 48, kernel_size=5, padding=2),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
-            nn.Conv2d(48, 128, kernel_size=5, padding=2),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
-            nn.Conv2d(128, 192, kernel_size=3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(192, 192, kernel_size=3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(192, 128, kernel_size=3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
-        )
-        self.classifier = nn.Sequential(
-            nn.Dropout(p=dropout),
-            nn.Linear(128 * (height // 8) * (width // 8), 512),
-            nn.ReLU(inplace=True),
-            nn.Dropout(p=dropout),
-            nn.Linear(512, 512),
-            nn.ReLU(inplace=True),
-            nn.Linear(512, num_classes),
-        )
+        self.features = nn.Sequential(OrderedDict([
+            ("conv1", nn.Conv2d(in_channels, 48, kernel_size=5, padding=2)),
+            ("relu1", nn.ReLU(inplace=True)),
+            ("pool1", nn.MaxPool2d(2)),
+            ("conv2", nn.Conv2d(48, 128, kernel_size=5, padding=2)),
+            ("relu2", nn.ReLU(inplace=True)),
+            ("pool2", nn.MaxPool2d(2)),
+            ("conv3", nn.Conv2d(128, 192, kernel_size=3, padding=1)),
+            ("relu3", nn.ReLU(inplace=True)),
+            ("conv4", nn.Conv2d(192, 192, kernel_size=3, padding=1)),
+            ("relu4", nn.ReLU(inplace=True)),
+            ("conv5", nn.Conv2d(192, 128, kernel_size=3, padding=1)),
+            ("relu5", nn.ReLU(inplace=True)),
+            ("pool3", nn.MaxPool2d(2)),
+        ]))
+        self.classifier = nn.Sequential(OrderedDict([
+            ("dropout1", nn.Dropout(p=dropout)),
+            ("fc1", nn.Linear(128 * (height // 8) * (width // 8), 512)),
+            ("relu6", nn.ReLU(inplace=True)),
+            ("dropout2", nn.Dropout(p=dropout)),
+            ("fc2", nn.Linear(512, 512)),
+            ("relu7", nn.ReLU(inplace=True)),
+            ("fc3", nn.Linear(512, num_classes)),
+        ]))
         native_init_small(self)
 
     def forward(self, x):

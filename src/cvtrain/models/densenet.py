@@ -13,8 +13,17 @@ variant=small: stem a single conv 3x3/1 with 2 * growth_rate = 64 channels, as t
 networks (32 -> 32, 16, 8, 4 over the blocks; 28 -> 28, 14, 7, 3). Needs at least 8x8.
 variant=auto picks imagenet for inputs of 64 px and up, small below.
 
+Layer names: torchvision's for the stack in `features` (conv0, norm0, relu0, pool0 (the imagenet stem;
+the small stem is conv0 alone), denseblock1, transition1, ..., denseblock4, norm5, relu5), in a
+transition norm, relu, conv, pool, in a dense layer norm1, relu1, conv1, norm2, relu2, conv2; then
+avgpool, classifier. The number after `layers` is the dense layer's index in its block:
+features.denseblock2.layers.0.conv1 is the first conv of the first layer of block 2; no other name is
+a bare number.
+
 Initialization (model.init=native): torchvision's, see native_init.
 """
+from collections import OrderedDict
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -61,12 +70,12 @@ class Transition(nn.Sequential):
     """BN-ReLU-conv 1x1 to `out_channels`, then a 2x2 average pool."""
 
     def __init__(self, in_channels: int, out_channels: int):
-        super().__init__(
-            nn.BatchNorm2d(in_channels),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False),
-            nn.AvgPool2d(kernel_size=2, stride=2),
-        )
+        super().__init__(OrderedDict([
+            ("norm", nn.BatchNorm2d(in_channels)),
+            ("relu", nn.ReLU(inplace=True)),
+            ("conv", nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)),
+            ("pool", nn.AvgPool2d(kernel_size=2, stride=2)),
+        ]))
 
 
 def native_init(model: nn.Module) -> None:
@@ -89,22 +98,23 @@ class DenseNet(nn.Module):
         super().__init__()
         channels = 2 * growth_rate
         if small_stem:
-            stem = [nn.Conv2d(in_channels, channels, kernel_size=3, padding=1, bias=False)]
+            stem = [("conv0", nn.Conv2d(in_channels, channels, kernel_size=3, padding=1, bias=False))]
         else:
-            stem = [nn.Conv2d(in_channels, channels, kernel_size=7, stride=2, padding=3, bias=False),
-                    nn.BatchNorm2d(channels),
-                    nn.ReLU(inplace=True),
-                    nn.MaxPool2d(kernel_size=3, stride=2, padding=1)]
+            stem = [("conv0", nn.Conv2d(in_channels, channels, kernel_size=7, stride=2, padding=3, bias=False)),
+                    ("norm0", nn.BatchNorm2d(channels)),
+                    ("relu0", nn.ReLU(inplace=True)),
+                    ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1))]
         layers = stem
         for i, num_layers in enumerate(block_config):
             block = DenseBlock(num_layers, channels, growth_rate, bn_size, dropout)
-            layers.append(block)
+            layers.append((f"denseblock{i + 1}", block))
             channels = block.out_channels
             if i != len(block_config) - 1:
-                layers.append(Transition(channels, int(channels * compression)))
+                layers.append((f"transition{i + 1}", Transition(channels, int(channels * compression))))
                 channels = int(channels * compression)
-        layers += [nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
-        self.features = nn.Sequential(*layers)
+        n = len(block_config) + 1  # torchvision's norm5, relu5 after four blocks
+        layers += [(f"norm{n}", nn.BatchNorm2d(channels)), (f"relu{n}", nn.ReLU(inplace=True))]
+        self.features = nn.Sequential(OrderedDict(layers))
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.classifier = nn.Linear(channels, num_classes)
         native_init(self)

@@ -10,8 +10,17 @@ variant=small: the stem's first conv is 3x3/1 and its first max-pool is dropped,
 reach the inception stages at 16, 8, 4 pixels (28x28: 14, 7, 4). Needs at least 4x4.
 variant=auto picks imagenet for inputs of 64 px and up, small below.
 
+Layer names: torchvision's (conv1, maxpool1, conv2, conv3, maxpool2, inception3, ..., avgpool, dropout, fc;
+every BasicConv2d is .conv, .bn, .relu), with names where torchvision numbers: an inception module is
+named by its letter in the paper (inception4.e, not inception4.4), and its branches' parts are
+branch2.reduce, branch2.conv3x3, branch3.reduce, branch3.conv3x3, branch4.pool, branch4.proj; e.g.
+inception3.a.branch2.conv3x3.conv.weight. No name has a bare number.
+
 Initialization (model.init=native): torchvision's, see native_init.
 """
+from collections import OrderedDict
+from string import ascii_lowercase
+
 import torch
 import torch.nn as nn
 
@@ -64,12 +73,15 @@ class Inception(nn.Module):
                  pool_proj: int):
         super().__init__()
         self.branch1 = BasicConv2d(in_channels, ch1x1, kernel_size=1)
-        self.branch2 = nn.Sequential(BasicConv2d(in_channels, ch3x3red, kernel_size=1),
-                                     BasicConv2d(ch3x3red, ch3x3, kernel_size=3, padding=1))
-        self.branch3 = nn.Sequential(BasicConv2d(in_channels, ch5x5red, kernel_size=1),
-                                     BasicConv2d(ch5x5red, ch5x5, kernel_size=3, padding=1))  # 3x3: see above
-        self.branch4 = nn.Sequential(nn.MaxPool2d(kernel_size=3, stride=1, padding=1, ceil_mode=True),
-                                     BasicConv2d(in_channels, pool_proj, kernel_size=1))
+        self.branch2 = nn.Sequential(OrderedDict([
+            ("reduce", BasicConv2d(in_channels, ch3x3red, kernel_size=1)),
+            ("conv3x3", BasicConv2d(ch3x3red, ch3x3, kernel_size=3, padding=1))]))
+        self.branch3 = nn.Sequential(OrderedDict([
+            ("reduce", BasicConv2d(in_channels, ch5x5red, kernel_size=1)),
+            ("conv3x3", BasicConv2d(ch5x5red, ch5x5, kernel_size=3, padding=1))]))  # 3x3: see above
+        self.branch4 = nn.Sequential(OrderedDict([
+            ("pool", nn.MaxPool2d(kernel_size=3, stride=1, padding=1, ceil_mode=True)),
+            ("proj", BasicConv2d(in_channels, pool_proj, kernel_size=1))]))
         self.out_channels = ch1x1 + ch3x3 + ch5x5 + pool_proj
 
     def forward(self, x):
@@ -77,11 +89,12 @@ class Inception(nn.Module):
 
 
 def make_stage(configs, in_channels: int) -> nn.Sequential:
-    modules = []
-    for cfg in configs:
-        modules.append(Inception(in_channels, *cfg))
-        in_channels = modules[-1].out_channels
-    return nn.Sequential(*modules)
+    """A stage's inception modules, named a, b, c, ... as in the paper (3a, 3b, 4a, ...)."""
+    modules = OrderedDict()
+    for letter, cfg in zip(ascii_lowercase, configs):
+        modules[letter] = Inception(in_channels, *cfg)
+        in_channels = modules[letter].out_channels
+    return nn.Sequential(modules)
 
 
 class GoogLeNet(nn.Module):

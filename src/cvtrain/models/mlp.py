@@ -1,11 +1,19 @@
 """Multi-layer perceptron: fully connected layers with a nonlinearity between them.
 
+Layer names (the scheme of models/names.py, numbered per kind from the input): flatten, then per hidden
+layer i fc<i> (a Maxout unit under activation=maxout: fc<i>.linear), bn<i>, act<i> (whatever
+model.activation is, so runs that differ in it share their tags), dropout<i>; the output layer
+fc<len(hidden_sizes) + 1>. hidden_sizes=[256]: flatten, fc1, act1, fc2.
+
 Initialization (model.init=native): PyTorch's default layer init, left as the layers set it.
 """
+from collections import OrderedDict
+
 import torch
 import torch.nn as nn
 
 from cvtrain import UserError
+from cvtrain.models.names import LayerNames
 from cvtrain.models.registry import register_model
 
 
@@ -38,18 +46,19 @@ def mlp(in_shape, num_classes, hidden_sizes=(256,), activation="relu", dropout=0
     if activation not in ACTIVATIONS:
         raise UserError(f"model.activation='{activation}' is unknown; choose one of {', '.join(ACTIVATIONS)}")
     c, h, w = in_shape
-    layers, width = [nn.Flatten()], c * h * w
+    name = LayerNames()
+    layers, width = [("flatten", nn.Flatten())], c * h * w
     for hidden in hidden_sizes:
         if activation == "maxout":
-            layers.append(Maxout(width, hidden, maxout_pieces))
+            layers.append((name("fc"), Maxout(width, hidden, maxout_pieces)))
         else:
-            layers.append(nn.Linear(width, hidden))
+            layers.append((name("fc"), nn.Linear(width, hidden)))
         if batch_norm:
-            layers.append(nn.BatchNorm1d(hidden))
+            layers.append((name("bn"), nn.BatchNorm1d(hidden)))
         if activation != "maxout":
-            layers.append(ACTIVATIONS[activation]())
+            layers.append((name("act"), ACTIVATIONS[activation]()))
         if dropout > 0:
-            layers.append(nn.Dropout(dropout))
+            layers.append((name("dropout"), nn.Dropout(dropout)))
         width = hidden
-    layers.append(nn.Linear(width, num_classes))
-    return nn.Sequential(*layers)
+    layers.append((name("fc"), nn.Linear(width, num_classes)))
+    return nn.Sequential(OrderedDict(layers))

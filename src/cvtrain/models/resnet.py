@@ -12,8 +12,15 @@ stages (64, 128, 256, 512 planes) of BasicBlocks (18, 34) or Bottlenecks (50, th
 variant=small replaces the stem by a 3x3/1 conv without max-pool (32 -> 32, 16, 8, 4 over the
 stages), the usual adaptation to CIFAR; variant=auto picks imagenet for inputs of 64 px and up.
 
+Layer names: torchvision's (conv1, bn1, relu, maxpool, layer1..layer4, avgpool, fc; in a block conv1, bn1,
+relu, conv2, bn2 (, conv3, bn3)), except that a projection shortcut is downsample.conv, downsample.bn
+(torchvision: downsample.0, downsample.1). The number after a stage is the block's index in it:
+layer2.0.conv1 is the first conv of the first block of stage 2; no other name is a bare number.
+
 Initialization (model.init=native): torchvision's, see native_init.
 """
+from collections import OrderedDict
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -156,10 +163,10 @@ class ResNet(nn.Module):
     def _make_layer(self, block, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = nn.Sequential(
-                conv1x1(self.inplanes, planes * block.expansion, stride),
-                nn.BatchNorm2d(planes * block.expansion),
-            )
+            downsample = nn.Sequential(OrderedDict([
+                ("conv", conv1x1(self.inplanes, planes * block.expansion, stride)),
+                ("bn", nn.BatchNorm2d(planes * block.expansion)),
+            ]))
         layers = [block(self.inplanes, planes, stride, downsample)]
         self.inplanes = planes * block.expansion
         layers += [block(self.inplanes, planes) for _ in range(1, blocks)]

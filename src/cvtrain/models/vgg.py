@@ -11,11 +11,20 @@ variant=small: the head of the common CIFAR VGGs: the 512-channel 1x1 map (globa
 larger inputs) -> FC 512-512-classes with dropout.
 variant=auto picks imagenet for inputs of 64 px and up, small below.
 
+Layer names (the scheme of models/names.py: <kind><n>, n counting that kind across the model), generated
+from the layer table: features.conv1, (bn1,) relu1, pool1, conv2, ...; avgpool; classifier.fc1, relu<k+1>,
+dropout1, fc2, relu<k+2>, dropout2, fc3 for k convs. vgg11 on 32x32: features.conv1, relu1, pool1, conv2,
+relu2, pool2, conv3, relu3, conv4, relu4, pool3, ..., conv8, relu8, pool5; classifier.fc1, relu9, dropout1,
+fc2, relu10, dropout2, fc3.
+
 Initialization (model.init=native): torchvision's, see native_init.
 """
+from collections import OrderedDict
+
 import torch
 import torch.nn as nn
 
+from cvtrain.models.names import LayerNames
 from cvtrain.models.registry import pick_variant, register_model
 
 cfgs = {
@@ -28,19 +37,19 @@ cfgs = {
 
 def make_layers(cfg, in_channels: int, height: int, width: int, batch_norm: bool = False) -> nn.Sequential:
     """The convolutional part from a layer table; a pool is left out once the map is 1 pixel high or wide."""
-    layers = []
+    name, layers = LayerNames(), []
     for v in cfg:
         if v == "M":
             if min(height, width) >= 2:
-                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+                layers.append((name("pool"), nn.MaxPool2d(kernel_size=2, stride=2)))
                 height, width = height // 2, width // 2
         else:
-            layers.append(nn.Conv2d(in_channels, v, kernel_size=3, padding=1))
+            layers.append((name("conv"), nn.Conv2d(in_channels, v, kernel_size=3, padding=1)))
             if batch_norm:
-                layers.append(nn.BatchNorm2d(v))
-            layers.append(nn.ReLU(inplace=True))
+                layers.append((name("bn"), nn.BatchNorm2d(v)))
+            layers.append((name("relu"), nn.ReLU(inplace=True)))
             in_channels = v
-    return nn.Sequential(*layers)
+    return nn.Sequential(OrderedDict(layers))
 
 
 def native_init(model: nn.Module, variant: str) -> None:
@@ -69,15 +78,16 @@ class VGG(nn.Module):
         self.features = features
         side, hidden = (7, 4096) if variant == "imagenet" else (1, 512)
         self.avgpool = nn.AdaptiveAvgPool2d((side, side))
-        self.classifier = nn.Sequential(
-            nn.Linear(512 * side * side, hidden),
-            nn.ReLU(inplace=True),
-            nn.Dropout(p=dropout),
-            nn.Linear(hidden, hidden),
-            nn.ReLU(inplace=True),
-            nn.Dropout(p=dropout),
-            nn.Linear(hidden, num_classes),
-        )
+        name = LayerNames(features)  # the classifier's relus count on from the features'
+        self.classifier = nn.Sequential(OrderedDict([
+            (name("fc"), nn.Linear(512 * side * side, hidden)),
+            (name("relu"), nn.ReLU(inplace=True)),
+            (name("dropout"), nn.Dropout(p=dropout)),
+            (name("fc"), nn.Linear(hidden, hidden)),
+            (name("relu"), nn.ReLU(inplace=True)),
+            (name("dropout"), nn.Dropout(p=dropout)),
+            (name("fc"), nn.Linear(hidden, num_classes)),
+        ]))
         native_init(self, variant)
 
     def forward(self, x):

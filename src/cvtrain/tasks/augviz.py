@@ -7,7 +7,7 @@ augmented copies of it, drawn as training would draw them: the aug group's per-i
 ops (BatchAugment, seeded with trainer.seed like the loader's first epoch), then mixup /
 cutmix when they are on (BatchMix, mixing the views with each other). Pixels are shown
 before preprocessing (data.preprocess), on [0, 1]. The grid goes to TensorBoard as the
-image `augviz/<aug choice>` in <run dir>/tb and to <run dir>/augviz.png.
+image `augviz/<aug choice>` in <run dir> (its event file) and to <run dir>/augviz.png.
 """
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from cvtrain.data import BatchAugment, load_data
 from cvtrain.data.augment import BatchMix, mix_generator
 from cvtrain.data.loader import epoch_seed
 from cvtrain.device import resolve_device
-from cvtrain.monitor import group_choices
+from cvtrain.hparams import group_choices
 
 
 @torch.no_grad()
@@ -52,7 +52,7 @@ def run(cfg, run_dir: Path, emit=print) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     png = run_dir / "augviz.png"
     save_image(grid, png)
-    writer = SummaryWriter(str(run_dir / "tb"))
+    writer = SummaryWriter(str(run_dir))
     writer.add_image(f"augviz/{group_choices().get('aug', 'custom')}", grid, 0)
     writer.close()
     emit(str(png))

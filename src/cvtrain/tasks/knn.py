@@ -14,7 +14,8 @@ from cvtrain.data import load_data, stratified_split
 from cvtrain.device import resolve_device
 from cvtrain.models import build_model
 from cvtrain.models.knn import KNNClassifier
-from cvtrain.monitor import RunLogger, run_hparams, write_summary
+from cvtrain.hparams import run_hparams
+from cvtrain.monitor import RunLogger, write_summary
 
 log = logging.getLogger("cvtrain")
 K_GRID = (1, 3, 5, 7, 10, 15, 20, 30, 50, 100)  # k values whose accuracy every run reports

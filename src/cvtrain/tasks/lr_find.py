@@ -16,7 +16,7 @@ already turning up). That is a rate at which training still makes fast progress,
 10x below the lr of the minimum. Treat it as a starting point for optim.lr, not an answer.
 
 Writes into the run dir: lr_find.png (loss and smoothed loss against lr, log x axis, the
-suggestion marked), lr_find.csv (step, lr, loss, smoothed) and tb/ (scalars lr_find/loss,
+suggestion marked), lr_find.csv (step, lr, loss, smoothed) and an event file (scalars lr_find/loss,
 lr_find/smoothed_loss and lr_find/lr against the step; the plot as the image lr_find/plot and the
 result as the text lr_find/result). Prints a short result whose last line is `suggested_lr=<lr>`.
 Nothing is saved to the configs or checkpoints.
@@ -162,7 +162,7 @@ def run(cfg, run_dir: Path, emit=print) -> float:
              f"plot: {run_dir / 'lr_find.png'}"]
     image = plot(result, suggested, f"lr range test: {name}")
     save_image(image, run_dir / "lr_find.png")
-    writer = SummaryWriter(str(run_dir / "tb"))
+    writer = SummaryWriter(str(run_dir))
     for i, (lr, loss, s) in enumerate(zip(result.lrs, result.losses, result.smoothed)):
         writer.add_scalar("lr_find/loss", loss, i)
         writer.add_scalar("lr_find/smoothed_loss", s, i)

@@ -33,7 +33,8 @@ from cvtrain.device import resolve_device
 from cvtrain.loop import evaluate, training_step
 from cvtrain.losses import Regularizer, build_loss
 from cvtrain.models import build_model, model_kind
-from cvtrain.monitor import RunLogger, TrainingMonitor, run_hparams, write_summary
+from cvtrain.hparams import run_hparams
+from cvtrain.monitor import RunLogger, TrainingMonitor, write_summary
 from cvtrain.optim import build_optimizer, build_scheduler
 from cvtrain.tasks import knn
 from cvtrain.tasks.sanity import require_sanity
@@ -115,6 +116,7 @@ def fit(state: TrainState) -> None:
         t0 = time.perf_counter()
         train_loss, train_acc = train_one_epoch(state, desc=f"epoch {epoch + 1}/{cfg.trainer.epochs}")
         epoch_time = time.perf_counter() - t0
+        state.monitor.end_epoch(state.step)  # histograms of the weights and the last step's gradients
         state.train_time += epoch_time
         state.train_images += len(state.train_loader) * cfg.data.batch_size  # drop_last: full batches only
         val_loss, state.val_acc = evaluate(state.model, state.val_loader, state.loss_fn)
@@ -175,7 +177,7 @@ class Pending:
 
     def __init__(self, first_step: int, with_reg: bool):
         self.first, self.with_reg = first_step, with_reg
-        self.values = {"train/loss": [], "train/data_loss": [], "train/reg_loss": [], "opt/lr": []}
+        self.values = {"train/loss": [], "train/data_loss": [], "train/reg_loss": [], "opt/lr": [], "opt/lr_log10": []}
 
     def __len__(self) -> int:
         return len(self.values["opt/lr"])
@@ -186,6 +188,7 @@ class Pending:
             self.values["train/data_loss"].append(step.data_loss)
             self.values["train/reg_loss"].append(step.reg_loss)
         self.values["opt/lr"].append(lr)
+        self.values["opt/lr_log10"].append(math.log10(lr) if lr > 0 else None)  # comparable across optimizers
 
     def flush(self, logger: RunLogger, monitor: TrainingMonitor, next_step: int) -> float:
         """Write everything since the last flush (one host sync); the loss guard checks the losses
@@ -195,7 +198,7 @@ class Pending:
         for tag, values in self.values.items():
             if values:
                 logger.series(tag, losses if tag == "train/loss" else
-                              values if tag == "opt/lr" else torch.stack(values).tolist(), self.first)
+                              values if tag.startswith("opt/") else torch.stack(values).tolist(), self.first)
         self.first = next_step
         self.values = {tag: [] for tag in self.values}
         return losses[-1]
@@ -247,10 +250,11 @@ def train(cfg, run_dir: Path) -> dict:
         fit(state)
         return finish(state)
     except TrainingDiverged as err:
-        write_summary(state.run_dir, {"status": "diverged", "reason": str(err), "epochs": state.epoch,
-                                      "best_val_acc": state.best_val_acc if state.best_epoch else None,
-                                      "best_epoch": state.best_epoch, "params": state.params,
-                                      "device": str(state.device), **state.monitor.summary()})
+        summary = {"status": "diverged", "reason": str(err), "epochs": state.epoch,
+                   "best_val_acc": state.best_val_acc if state.best_epoch else None, "best_epoch": state.best_epoch,
+                   "params": state.params, "device": str(state.device), **state.monitor.summary()}
+        state.logger.summary(summary, state.step)
+        write_summary(state.run_dir, summary)
         raise
     finally:
         state.logger.close()

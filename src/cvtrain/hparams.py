@@ -1,0 +1,182 @@
+"""TensorBoard's HPARAMS tab: one experiment for a whole log dir, one row (session) per run.
+
+Every training run writes into its own event file a session start (its hyperparameters: the
+config-group choices and the config values that shape training, leaving out the keys of options
+it does not use, e.g. every aug.* key under aug=none) and, at the end, a session end with its
+status. The experiment, the list of columns, is written once for the log dir into
+<log root>/reference/ (the folder TensorBoard is pointed at, `outputs`: the common parent of
+hydra.run.dir and hydra.sweep.dir), rebuilt from every run's .hydra/ files at the start and at
+the end of each run: the union of all runs' keys, each marked as differing when the runs that
+have it do not all share one value (the choices and the swept values), and the summary metrics.
+TensorBoard shows the differing keys first and as the default columns, and a new sweep into the
+same log dir rewrites the experiment to cover it.
+
+The same folder holds the one neutral reference line of the update/weight-ratio chart,
+update_ratio/reference_1e-3 = -3 from step 0 to the last step of any run.
+"""
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+from tensorboard.plugins.hparams import api_pb2, metadata as hp_metadata, plugin_data_pb2
+from torch.utils.tensorboard import SummaryWriter
+
+from cvtrain.config import NOT_HPARAMS, SYNTHETIC_ONLY, AugConfig, RegConfig
+
+# the final figures shown beside the hyperparameters (scalars summary/<metric> at the end of a run)
+SUMMARY_METRICS = ["best_val_acc", "final_val_acc", "test_acc", "train_time_s", "train_images_per_s",
+                   "update_ratio_log10"]
+GROUPS = ("model", "loss", "reg", "optim", "sched", "aug", "data", "trainer")
+EXPERIMENT_DIR = "reference"  # under the log root: the experiment and the update-ratio reference line
+UPDATE_RATIO_REFERENCE = -3.0  # log10(1e-3): the course's rule of thumb for a healthy learning rate
+OFF = {**{f"aug.{k}": v for k, v in vars(AugConfig()).items()}, **{f"reg.{k}": v for k, v in vars(RegConfig()).items()}}
+
+
+def flatten_config(node, prefix: str = "") -> dict:
+    """A nested config (plain dicts) as {"optim.lr": 0.001, "model.hidden_sizes": [512], ...}: one key per
+    leaf, values as they are. Also what scripts/compare_runs.py reads a run's .hydra/config.yaml with."""
+    out = {}
+    for key, value in (node or {}).items():
+        if isinstance(value, dict):
+            out.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def hparams_of(plain_cfg: dict, choices: dict) -> dict:
+    """A run's row: its choices ({"model": "lenet", ...}) and the config values that shape training,
+    without the keys of options it does not use (aug and reg keys left at their "off" value, the
+    synthetic-data keys for real data). Values TensorBoard takes: numbers and strings (bools, lists
+    and None as text)."""
+    values = flatten_config({k: plain_cfg[k] for k in GROUPS if k in plain_cfg})
+    skip = NOT_HPARAMS | (SYNTHETIC_ONLY if values.get("data.name") != "synthetic" else set())
+    row = {k: v for k, v in values.items() if k not in skip and not (k in OFF and v == OFF[k])}
+    row = {**choices, **row}
+    return {k: v if isinstance(v, (int, float, str)) and not isinstance(v, bool) else str(v) for k, v in row.items()}
+
+
+def group_choices() -> dict:
+    """{group: option} as chosen on the command line or by the defaults (data, model, optim, ...),
+    from Hydra's runtime; {} outside a Hydra run (a test or script that composed the config itself)."""
+    if not HydraConfig.initialized():
+        return {}
+    return _choices(HydraConfig.get().runtime.choices)
+
+
+def _choices(choices) -> dict:
+    return {group: str(choice) for group, choice in choices.items()
+            if not group.startswith("hydra") and group not in ("trainer", "task") and choice is not None}
+
+
+def run_hparams(cfg) -> dict:
+    """The HPARAMS row of the running run."""
+    return hparams_of(OmegaConf.to_container(cfg, resolve=True), group_choices())
+
+
+def log_root(run_dir: Path):
+    """The folder TensorBoard is pointed at: the common parent of hydra.run.dir and hydra.sweep.dir
+    (`outputs`), when run_dir is below it; None outside a Hydra run."""
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    try:
+        root = Path(os.path.commonpath([os.path.abspath(hydra_cfg.run.dir), os.path.abspath(hydra_cfg.sweep.dir)]))
+    except ValueError:
+        return None
+    run_dir = Path(run_dir).resolve()
+    return root if root != run_dir and root in run_dir.parents else None
+
+
+def session_start(hparams: dict) -> Summary:
+    """The session start of a run: its hyperparameter values (TensorBoard's SessionStartInfo)."""
+    info = plugin_data_pb2.SessionStartInfo()
+    for key, value in hparams.items():
+        if isinstance(value, str):
+            info.hparams[key].string_value = value
+        else:
+            info.hparams[key].number_value = value
+    return _summary(hp_metadata.SESSION_START_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_start_info=info))
+
+
+def session_end(status: str) -> Summary:
+    """The session end: completed runs are STATUS_SUCCESS, diverged ones STATUS_FAILURE."""
+    info = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS if status == "completed"
+                                          else api_pb2.STATUS_FAILURE)
+    return _summary(hp_metadata.SESSION_END_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_end_info=info))
+
+
+def experiment(rows: list) -> Summary:
+    """The experiment of these runs' rows: every key any run has, marked as differing when the runs
+    that have it do not all share one value; the summary metrics."""
+    keys = {}
+    for row in rows:
+        for key, value in row.items():
+            keys.setdefault(key, set()).add(json.dumps(value))
+    def data_type(values):
+        strings = sum(v.startswith('"') for v in values)
+        return (api_pb2.DATA_TYPE_STRING if strings == len(values) else
+                api_pb2.DATA_TYPE_FLOAT64 if strings == 0 else api_pb2.DATA_TYPE_UNSET)
+
+    infos = [api_pb2.HParamInfo(name=key, differs=len(values) > 1, type=data_type(values))
+             for key, values in sorted(keys.items())]
+    metrics = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=f"summary/{m}"), display_name=m) for m in SUMMARY_METRICS]
+    return _summary(hp_metadata.EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(
+        experiment=api_pb2.Experiment(hparam_infos=infos, metric_infos=metrics)))
+
+
+def _summary(tag: str, content) -> Summary:
+    content.version = hp_metadata.PLUGIN_DATA_VERSION
+    meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name=hp_metadata.PLUGIN_NAME,
+                                                                  content=content.SerializeToString()))
+    return Summary(value=[Summary.Value(tag=tag, metadata=meta)])
+
+
+def logged_runs(root: Path) -> list:
+    """(run dir, its row, its last step) of every training run under root: a folder with .hydra/ files of
+    task train and a metrics.jsonl or summary.json."""
+    runs = []
+    for config_file in sorted(Path(root).rglob(".hydra/config.yaml")):
+        run_dir = config_file.parent.parent
+        if not ((run_dir / "metrics.jsonl").is_file() or (run_dir / "summary.json").is_file()):
+            continue
+        config = yaml.safe_load(config_file.read_text()) or {}
+        if (config.get("task") or {}).get("name", "train") != "train":
+            continue
+        hydra_file = run_dir / ".hydra" / "hydra.yaml"
+        hydra = (yaml.safe_load(hydra_file.read_text()) or {}).get("hydra", {}) if hydra_file.is_file() else {}
+        choices = _choices(hydra.get("runtime", {}).get("choices", {}))
+        runs.append((run_dir, hparams_of(config, choices), _last_step(run_dir)))
+    return runs
+
+
+def _last_step(run_dir: Path) -> int:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").is_file() else []
+    return json.loads(lines[-1]).get("step", 0) if lines else 0
+
+
+def write_experiment(root: Path) -> Path:
+    """(Re)write <root>/reference/: the HPARAMS experiment of every training run under root and the
+    update-ratio reference line. Written to a new folder, then swapped in, so a reader never sees
+    half of it."""
+    runs = logged_runs(root)
+    target = Path(root) / EXPERIMENT_DIR
+    tmp = Path(tempfile.mkdtemp(prefix=".reference-", dir=root))
+    writer = SummaryWriter(str(tmp))
+    writer.file_writer.add_summary(experiment([row for _, row, _ in runs]))
+    last = max([step for _, _, step in runs] + [1])
+    for step in (0, last):
+        writer.add_scalar("update_ratio/reference_1e-3", UPDATE_RATIO_REFERENCE, step)
+    writer.close()
+    old = target.with_name(f".{EXPERIMENT_DIR}-old-{os.getpid()}")
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
