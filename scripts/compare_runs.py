@@ -38,7 +38,7 @@ import yaml
 
 from cvtrain import UserError
 from cvtrain.config import NOT_HPARAMS, SYNTHETIC_ONLY
-from cvtrain.hparams import flatten_config
+from cvtrain.hparams import differing, flatten_config
 from cvtrain.table import format_table
 
 CHOICES = ["data", "model", "optim", "sched", "aug"]  # --wide: always
@@ -110,18 +110,6 @@ def _differs(runs: list, key: str) -> bool:
     return len({json.dumps(r[key], sort_keys=True, default=str) for r in runs if key in r}) > 1
 
 
-def _differs_within_choice(runs: list, key: str) -> bool:
-    """Whether `key` differs between runs that made the same choice of its group (optim.lr between two adam
-    runs), not only because the choice differs (optim.betas between adam and sgd runs)."""
-    group = key.split(".", 1)[0]
-    if not any(group in r for r in runs):  # not a config group chosen in hydra.yaml: any difference counts
-        return _differs(runs, key)
-    by_choice = {}
-    for run in runs:
-        by_choice.setdefault(run.get(group), []).append(run)
-    return any(_differs(same, key) for same in by_choice.values())
-
-
 def _hparams(runs: list) -> list[str]:
     """The config keys that are hyperparameters and differ between the runs, in config order, as first seen."""
     keys = []
@@ -151,7 +139,8 @@ def default_columns(runs: list, wide: bool = False) -> list[str]:
                     metrics.append(key)
         return ["run", *choices, *_hparams(runs), *results, *metrics]
     choices = [g for g in [*CHOICES, *OTHER_CHOICES] if g in ALWAYS or _differs(runs, g)]
-    return ["run", *choices, *(k for k in _hparams(runs) if _differs_within_choice(runs, k)), *results]
+    within_choice = differing(runs)  # optim.lr between two adam runs, not optim.betas between adam and sgd
+    return ["run", *choices, *(k for k in _hparams(runs) if k in within_choice), *results]
 
 
 def check_column(column: str, columns: list, runs: list, what: str) -> None:

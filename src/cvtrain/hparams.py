@@ -35,6 +35,7 @@ SUMMARY_METRICS = ["best_val_acc", "final_val_acc", "test_acc", "train_time_s", 
 GROUPS = ("model", "loss", "reg", "optim", "sched", "aug", "data", "trainer")
 EXPERIMENT_DIR = "reference"  # under the log root: the experiment and the update-ratio reference line
 UPDATE_RATIO_REFERENCE = -3.0  # log10(1e-3): the course's rule of thumb for a healthy learning rate
+REFERENCE_POINTS = 100  # the reference line: -3 at 101 steps evenly spaced from 0 to the last step of any run
 OFF = {**{f"aug.{k}": v for k, v in vars(AugConfig()).items()}, **{f"reg.{k}": v for k, v in vars(RegConfig()).items()}}
 
 
@@ -52,12 +53,15 @@ def flatten_config(node, prefix: str = "") -> dict:
 
 def hparams_of(plain_cfg: dict, choices: dict) -> dict:
     """A run's row: its choices ({"model": "lenet", ...}) and the config values that shape training,
-    without the keys of options it does not use (aug and reg keys left at their "off" value, the
-    synthetic-data keys for real data). Values TensorBoard takes: numbers and strings (bools, lists
-    and None as text)."""
+    without what adds nothing: the keys of options it does not use (aug and reg keys left at their
+    "off" value, the synthetic-data keys for real data), null values (a builder's own default, e.g.
+    LeNet's activation) and a group's `name` when the row has the group's choice. Values TensorBoard
+    takes: numbers and strings (bools and lists as text)."""
     values = flatten_config({k: plain_cfg[k] for k in GROUPS if k in plain_cfg})
     skip = NOT_HPARAMS | (SYNTHETIC_ONLY if values.get("data.name") != "synthetic" else set())
-    row = {k: v for k, v in values.items() if k not in skip and not (k in OFF and v == OFF[k])}
+    skip |= {f"{group}.name" for group in choices}
+    row = {k: v for k, v in values.items()
+           if k not in skip and v is not None and not (k in OFF and v == OFF[k])}
     row = {**choices, **row}
     return {k: v if isinstance(v, (int, float, str)) and not isinstance(v, bool) else str(v) for k, v in row.items()}
 
@@ -112,19 +116,38 @@ def session_end(status: str) -> Summary:
     return _summary(hp_metadata.SESSION_END_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_end_info=info))
 
 
+def differing(rows: list) -> set:
+    """The keys whose values differ between the runs: a choice (`model`) when the runs chose differently;
+    a key of a group (`optim.lr`) when it differs between runs that made the same choice for the group,
+    not when it differs only because the choice does (`optim.betas` between sgd and adam runs); a key
+    only some runs have is no difference by itself."""
+    found = set()
+    for key in {k for row in rows for k in row}:
+        group = key.split(".")[0]
+        same_choice = {}
+        for row in rows:
+            if key in row:
+                same_choice.setdefault(row.get(group) if "." in key else None, set()).add(json.dumps(row[key], default=str))
+        if any(len(values) > 1 for values in same_choice.values()):
+            found.add(key)
+    return found
+
+
 def experiment(rows: list) -> Summary:
-    """The experiment of these runs' rows: every key any run has, marked as differing when the runs
-    that have it do not all share one value; the summary metrics."""
+    """The experiment of these runs' rows: every key any run has (see `differing` for which are marked
+    as differing: TensorBoard lists those first and shows them by default), and the summary metrics."""
     keys = {}
     for row in rows:
         for key, value in row.items():
             keys.setdefault(key, set()).add(json.dumps(value))
+    differs = differing(rows)
+
     def data_type(values):
         strings = sum(v.startswith('"') for v in values)
         return (api_pb2.DATA_TYPE_STRING if strings == len(values) else
                 api_pb2.DATA_TYPE_FLOAT64 if strings == 0 else api_pb2.DATA_TYPE_UNSET)
 
-    infos = [api_pb2.HParamInfo(name=key, differs=len(values) > 1, type=data_type(values))
+    infos = [api_pb2.HParamInfo(name=key, differs=key in differs, type=data_type(values))
              for key, values in sorted(keys.items())]
     metrics = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=f"summary/{m}"), display_name=m) for m in SUMMARY_METRICS]
     return _summary(hp_metadata.EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(
@@ -171,8 +194,10 @@ def write_experiment(root: Path) -> Path:
     writer = SummaryWriter(str(tmp))
     writer.file_writer.add_summary(experiment([row for _, row, _ in runs]))
     last = max([step for _, _, step in runs] + [1])
-    for step in (0, last):
-        writer.add_scalar("update_ratio/reference_1e-3", UPDATE_RATIO_REFERENCE, step)
+    # as many points as a chart of medians has: two points alone are "outliers" TensorBoard's default
+    # y-axis scaling leaves out
+    for i in range(REFERENCE_POINTS + 1):
+        writer.add_scalar("update_ratio/reference_1e-3", UPDATE_RATIO_REFERENCE, round(i * last / REFERENCE_POINTS))
     writer.close()
     old = target.with_name(f".{EXPERIMENT_DIR}-old-{os.getpid()}")
     if target.exists():
