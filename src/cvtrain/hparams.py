@@ -127,7 +127,8 @@ def differing(rows: list) -> set:
         same_choice = {}
         for row in rows:
             if key in row:
-                same_choice.setdefault(row.get(group) if "." in key else None, set()).add(json.dumps(row[key], default=str))
+                choice = row.get(group) if "." in key else None
+                same_choice.setdefault(choice, set()).add(json.dumps(row[key], default=str))
         if any(len(values) > 1 for values in same_choice.values()):
             found.add(key)
     return found
