@@ -224,9 +224,9 @@ def test_cli_sanity_and_gradcheck_exit_status(start_cli, tmp_path):
         (tmp_path / name).mkdir()
     runs = {name: start_cli(args, tmp_path / name) for name, args in {
         "sanity_ok": ["task=sanity", "model=mlp"],
-        "sanity_fail": ["task=sanity", "model=mlp", "optim.lr=0"],  # nothing moves: it cannot overfit
+        "sanity_fail": ["task=sanity", "model=mlp", "optim.lr=1e-9"],  # nothing moves: it cannot overfit (lr=0 is an error)
         "gradcheck": ["task=gradcheck", "model=svm"],
-        "train_gated": ["model=mlp", "optim.lr=0", "trainer.sanity=true", "trainer.epochs=1"],
+        "train_gated": ["model=mlp", "optim.lr=1e-9", "trainer.sanity=true", "trainer.epochs=1"],
     }.items()}
     ok = runs["sanity_ok"].result()
     assert ok.proc.returncode == 0, ok.output

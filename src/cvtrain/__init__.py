@@ -22,3 +22,20 @@ class ChecksFailed(Exception):
 
     The command line exits with status 1.
     """
+
+
+class Interrupted(BaseException):
+    """SIGINT (Ctrl-C) or SIGTERM stopped a training run: after the current step, with a checkpoint
+    (or at once, on a second signal). A BaseException, like KeyboardInterrupt, so that no
+    `except Exception` swallows it.
+
+    The command line exits with status 128 + the signal number: 130 (SIGINT), 143 (SIGTERM).
+    """
+
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(message or f"interrupted by signal {signum}")
+        self.signum = signum
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum

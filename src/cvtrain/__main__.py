@@ -4,9 +4,18 @@
     -> TASKS[task.name](cfg, run_dir) -> its objective, returned to Hydra (a sweeper optimizes it)
 
 Errors map to exit statuses: 2 bad input (UserError), 1 a failed check (ChecksFailed),
-3 a diverged run (TrainingDiverged; in a sweep the trial returns DIVERGED and the sweep goes on).
+3 a diverged run (TrainingDiverged), 130 / 143 a run stopped by SIGINT / SIGTERM (Interrupted).
+In a sweep a failed trial (a UserError, a diverged run, any exception) is recorded in its run dir
+(summary.json status "failed", or "diverged") and the sweep goes on; at its end a line says how many
+of how many trials failed and the exit status is 1.
+
+Run dirs never collide: the default ones are claimed with an atomic os.mkdir (${unique_dir:...} in
+configs/config.yaml: <time>_<name>, <time>_<name>-2, ...), and a run dir holding a completed run is
+written into only by a resume (trainer.resume).
 """
+import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -15,9 +24,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from cvtrain import ChecksFailed, TrainingDiverged, UserError
+from cvtrain import ChecksFailed, Interrupted, TrainingDiverged, UserError
 from cvtrain.config import register_configs
 from cvtrain.models import model_kind
+from cvtrain.monitor import write_summary
+from cvtrain.validate import check_config
 from cvtrain.tasks import augviz, gradcheck, lr_find, sanity, summary, train
 
 log = logging.getLogger("cvtrain")
@@ -46,26 +57,113 @@ def run_name(task: str, data: str, model_option: str, model_name: str, optim: st
     return "_".join(parts)
 
 
+_CLAIMED: dict = {}  # path asked for -> the dir claimed for it, in this process
+
+
+def unique_dir(path: str, mode: str = "", for_mode: str = "") -> str:
+    """A run dir no other run has: `path`, or `path`-2, -3, ... when it exists, claimed with os.mkdir
+    (atomic: of two processes asking at once, one gets each name). The same answer for the same
+    `path` within a process (Hydra resolves its run dir more than once). The resolver
+    ${unique_dir:<path>,${hydra.mode},RUN|MULTIRUN}: only the dir of the mode that runs is claimed
+    (a single run resolves the sweep dir too, and the other way round); `path` as is for the other."""
+    if mode and for_mode and str(mode).split(".")[-1] != for_mode:
+        return path
+    if path not in _CLAIMED:
+        base = Path(path)
+        base.parent.mkdir(parents=True, exist_ok=True)
+        n = 1
+        while True:
+            candidate = base if n == 1 else base.with_name(f"{base.name}-{n}")
+            try:
+                os.mkdir(candidate)
+                break
+            except FileExistsError:
+                n += 1
+        _CLAIMED[path] = str(candidate)
+    return _CLAIMED[path]
+
+
 register_configs()
 OmegaConf.register_new_resolver("run_name", run_name)
+OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True)
+
+TRIALS: list = []  # a sweep's trials in this process: (run dir, status, reason)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://cvtrain.configs", config_name="config")
-def main(cfg: DictConfig):
+def hydra_main(cfg: DictConfig):
     """Run the configured task in Hydra's run dir; return its objective (train: the best validation
     accuracy; lr_find: the suggested lr; the other tasks: None)."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        return TASKS[cfg.task.name](cfg, Path(HydraConfig.get().runtime.output_dir))
+        check_config(cfg)  # bad values, unknown keys, keys the chosen options ignore: before any work
+        objective = TASKS[cfg.task.name](cfg, run_dir)
     except UserError as err:
         log.error("error: %s", err)
-        sys.exit(2)
+        if not sweep:
+            sys.exit(2)
+        return _failed(run_dir, f"error: {err}")
     except ChecksFailed:
-        sys.exit(1)
+        if not sweep:
+            sys.exit(1)
+        return _failed(run_dir, "a check failed (see the log)")
     except TrainingDiverged as err:
         log.error("training diverged: %s (summary.json has status 'diverged')", err)
-        if HydraConfig.get().mode != RunMode.MULTIRUN:
+        if not sweep:
             sys.exit(3)
+        TRIALS.append((run_dir, "diverged", str(err)))
         return DIVERGED  # in a sweep: record the trial as diverged and go on with the next one
+    except Interrupted as err:
+        log.error("%s (summary.json has status 'interrupted'); exit status %d", err, err.exit_status)
+        sys.exit(err.exit_status)
+    except Exception as err:  # noqa: BLE001  in a sweep, any failure of one trial: record it, go on
+        if not sweep:
+            raise
+        log.exception("trial failed: %s: %s", type(err).__name__, err)
+        return _failed(run_dir, f"{type(err).__name__}: {err}")
+    if sweep:
+        TRIALS.append((run_dir, "completed", None))
+    return objective
+
+
+def _failed(run_dir: Path, reason: str):
+    """A failed sweep trial: summary.json status "failed" with the reason (kept when the task already
+    wrote its own, e.g. "diverged"), recorded for the sweep's final line; its objective is None."""
+    if not (run_dir / "summary.json").is_file():
+        write_summary(run_dir, {"status": "failed", "reason": reason})
+    TRIALS.append((run_dir, "failed", reason))
+    return None
+
+
+def _refuse_completed_run_dir(argv: list) -> None:
+    """hydra.run.dir=<a dir with a completed run> without trainer.resume: an error before Hydra writes there."""
+    given = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("hydra.run.dir=")]
+    if not given or any(a.lstrip("+").startswith("trainer.resume=") for a in argv):
+        return
+    try:
+        status = json.loads(Path(given[-1], "summary.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return
+    if status == "completed":
+        print(f"error: {given[-1]} holds a completed run (summary.json); choose another hydra.run.dir, or continue "
+              "that run with trainer.resume=auto and a larger trainer.epochs", file=sys.stderr)
+        sys.exit(2)
+
+
+def main():
+    """The command line (python -m cvtrain, the cvtrain script): Hydra's main, then a sweep's verdict."""
+    _refuse_completed_run_dir(sys.argv[1:])
+    try:
+        hydra_main()
+    except KeyboardInterrupt:  # a Ctrl-C outside the training loop's handler (setup, a non-train task)
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    failed = [(run_dir, reason) for run_dir, status, reason in TRIALS if status != "completed"]
+    if failed:
+        lines = "".join(f"\n  {run_dir}: {reason.splitlines()[0] if reason else ''}" for run_dir, reason in failed)
+        print(f"sweep: {len(failed)} of {len(TRIALS)} trials failed:{lines}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ class DataConfig:
     # imagefolder: resize (shorter side) + center-crop to this side, needed when sizes differ; synthetic: the side
     image_size: Optional[int] = None
     cache_dir: str = "~/.cache/cvtrain"  # imagefolder: decoded tensors, keyed by the files, sizes and mtimes
+    on_bad_image: str = "error"  # imagefolder: error (stop, naming the file) | skip (leave it out, with a warning)
     # fitted on the training split only, stored in checkpoints (src/cvtrain/data/preprocess.py):
     preprocess: str = "standardize"  # standardize | channel_mean | mean_image | pca_whiten | zca_whiten
     whiten_eps: float = 1e-2  # pca/zca_whiten: added to the covariance eigenvalues ([0, 1] pixel scale)
@@ -97,7 +98,10 @@ class TrainerConfig:
     log_every: int = 10  # steps between flushes of the per-step loss to TensorBoard
     progress: bool = True  # progress bar per epoch (only when attached to a terminal)
     checkpoint: bool = True  # checkpoints/last.pt every epoch, best.pt on a new best val acc
-    resume: Optional[str] = None  # a checkpoint to continue from (e.g. outputs/.../checkpoints/last.pt)
+    resume: Optional[str] = None  # a checkpoint to continue from (outputs/.../checkpoints/last.pt), or auto:
+    # the newest good checkpoint of this run dir (hydra.run.dir=<run dir>), a fresh start when there is none
+    checkpoint_every_steps: int = 0  # also checkpoints/step-<step>.pt every N optimizer steps (0: off)
+    keep_checkpoints: int = 2  # step-<step>.pt files kept (the newest ones)
     test: bool = False  # evaluate best.pt on the test split at the end
     sanity: bool = False  # run task=sanity's checks first; a failed check stops the run (exit 2)
     viz: bool = True  # filters/templates, confusion matrix, misclassified, projector at the end (<run dir>/viz, tb)
@@ -118,8 +122,10 @@ class Config:
 
 # Config keys that do not change what is learned, or repeat a group's choice: not hyperparameters,
 # neither in TensorBoard's HPARAMS tab (monitor.run_hparams) nor as columns of scripts/compare_runs.py.
-NOT_HPARAMS = {"task", "data.name", "data.root", "data.download", "data.cache_dir", "data.eval_batch_size",
+NOT_HPARAMS = {"task", "data.name", "data.root", "data.download", "data.cache_dir", "data.on_bad_image",
+               "data.eval_batch_size",
                "trainer.progress", "trainer.log_every", "trainer.checkpoint", "trainer.resume", "trainer.sanity",
+               "trainer.checkpoint_every_steps", "trainer.keep_checkpoints",
                "trainer.monitor_every", "trainer.histogram_every", "trainer.explode_factor", "trainer.viz"}
 SYNTHETIC_ONLY = {"data.channels", "data.num_classes", "data.num_samples", "data.num_test", "data.noise"}
 

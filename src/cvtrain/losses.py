@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from cvtrain import UserError
 from cvtrain.config import check_arguments, named_choice
+from cvtrain.checks import check_loss, check_types
 
 
 class MulticlassHingeLoss(nn.Module):
@@ -63,6 +64,8 @@ def build_loss(loss_cfg) -> nn.Module:
     """LOSSES[loss.name](**the other loss keys)."""
     name, cls, options = named_choice("loss", loss_cfg, LOSSES)
     check_arguments("loss", name, cls, options, passed=("squared",))
+    check_types("loss", name, options, cls)
+    check_loss(name, options)
     return cls(**options)
 
 

@@ -29,6 +29,7 @@ import torch
 
 from cvtrain import UserError
 from cvtrain.config import check_arguments, named_choice
+from cvtrain.checks import check_optim, check_sched, check_types
 
 # ---------------------------------------------------------------------------------------------
 # Optimizers
@@ -71,6 +72,8 @@ def build_optimizer(optim_cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
         raise UserError(f"optim={name} needs optim.decay_norm_and_bias (true: weight decay on every parameter)")
     decay_norm_and_bias = options.pop("decay_norm_and_bias")
     check_arguments("optim", name, cls, options, passed=("params",), own=("decay_norm_and_bias",))
+    check_types("optim", name, options, cls)
+    check_optim(name, options)
     return cls(param_groups(model, decay_norm_and_bias), **options)
 
 
@@ -82,6 +85,8 @@ def build_scheduler(sched_cfg, optimizer, epochs: int, steps_per_epoch: int) -> 
     """SCHEDULES[sched.name](optimizer, epochs, steps_per_epoch, **the other sched keys)."""
     name, factory, options = named_choice("sched", sched_cfg, SCHEDULES)
     check_arguments("sched", name, factory, options, passed=("optimizer", "epochs", "steps_per_epoch"))
+    check_types("sched", name, options, factory)
+    check_sched(name, options, epochs)
     return factory(optimizer, epochs=epochs, steps_per_epoch=steps_per_epoch, **options)
 
 

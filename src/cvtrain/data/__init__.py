@@ -9,6 +9,7 @@ from cvtrain.data.augment import BatchAugment
 from cvtrain.data.loader import InMemoryLoader, epoch_seed
 from cvtrain.data.preprocess import Preprocessor, channel_stats
 from cvtrain.data.sources import SOURCES, Source, Split
+from cvtrain.checks import check_data
 
 __all__ = ["BatchAugment", "DataBundle", "InMemoryLoader", "Preprocessor", "Split", "channel_stats", "epoch_seed",
            "load_data", "stratified_split"]
@@ -54,6 +55,7 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int):
 def load_data(data_cfg, device=None, need_test: bool = False) -> DataBundle:
     """The configured splits, with data.preprocess fitted on the training split (on `device`, default CPU).
     `need_test` (trainer.test=true): a source without a test split is an error now, before any training."""
+    check_data(data_cfg)  # batch sizes, val_fraction, keys the source does not read: before any loading
     preprocess = Preprocessor(data_cfg.preprocess, data_cfg.whiten_eps)
     if data_cfg.name not in SOURCES:
         raise UserError(f"data.name={data_cfg.name} is unknown; choose one of {', '.join(SOURCES)}")

@@ -6,6 +6,7 @@ with tensor ops.
 """
 import hashlib
 import importlib.resources
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from cvtrain import UserError
+
+log = logging.getLogger("cvtrain")
 
 
 @dataclass
@@ -140,63 +143,112 @@ def load_torchvision(cfg) -> Source:
 
 # --- a directory of images -------------------------------------------------------------
 
-def _image_files(split_dir: Path):
+LAYOUT = "root/train/<class>/*.jpg (any format PIL reads), and optionally root/val/<class>/..., root/test/<class>/..."
 
+
+def _image_files(split_dir: Path):
+    """(class names, [(path, label)]) of one split; a class folder without images is an error."""
     extensions = {ext.lower() for ext in Image.registered_extensions()}
     classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
-    files = []
+    files, empty = [], []
     for label, cls in enumerate(classes):
         found = sorted(p for p in (split_dir / cls).rglob("*") if p.suffix.lower() in extensions)
+        if not found:
+            empty.append(cls)
         files += [(p, label) for p in found]
+    if classes and empty:
+        raise UserError(f"data.root: class folder(s) {', '.join(empty)} under {split_dir} hold no images; "
+                        f"add images or remove the folder(s) (expected layout: {LAYOUT})")
     return classes, files
 
 
-def _decode(files, image_size: Optional[int]) -> Split:
+def _bad(path: Path, err: Exception, on_bad_image: str):
+    if on_bad_image != "skip":
+        raise UserError(f"cannot read image {path} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                        "fix or remove it, or set data.on_bad_image=skip to leave unreadable images out") from None
 
-    modes = set()
-    for path, _ in files:  # opening reads only the header
-        with Image.open(path) as img:
-            modes.add("L" if img.mode in ("1", "L", "I;16", "I") else "RGB")
+
+def _decode(files, image_size: Optional[int], on_bad_image: str = "error") -> tuple[Split, list]:
+    """The images of `files` as one Split, and the files left out as unreadable (data.on_bad_image=skip)."""
+    modes, skipped, readable = set(), [], []
+    for path, label in files:  # opening reads only the header
+        try:
+            with Image.open(path) as img:
+                modes.add("L" if img.mode in ("1", "L", "I;16", "I") else "RGB")
+            readable.append((path, label))
+        except (OSError, SyntaxError, ValueError) as err:  # UnidentifiedImageError is an OSError
+            _bad(path, err, on_bad_image)
+            skipped.append(path)
     mode = "L" if modes == {"L"} else "RGB"
-    tensors = []
-    for path, _ in files:
-        with Image.open(path) as img:
-            t = TF.pil_to_tensor(img.convert(mode))
+    tensors, labels = [], []
+    for path, label in readable:
+        try:
+            with Image.open(path) as img:
+                t = TF.pil_to_tensor(img.convert(mode))  # decodes: a truncated file fails here
+        except (OSError, SyntaxError, ValueError) as err:
+            _bad(path, err, on_bad_image)
+            skipped.append(path)
+            continue
         if image_size:
             t = TF.center_crop(TF.resize(t, image_size, antialias=True), [image_size, image_size])
         elif tensors and t.shape != tensors[0].shape:
             raise UserError(f"images differ in size ({tuple(tensors[0].shape[1:])} and {tuple(t.shape[1:])} "
                             f"at {path}); set data.image_size=<side> to resize and center-crop them all")
         tensors.append(t)
-    return Split(torch.stack(tensors), torch.tensor([label for _, label in files], dtype=torch.long))
+        labels.append(label)
+    if not tensors:
+        raise UserError(f"no readable images among {len(files)} files (data.on_bad_image=skip left them all out)")
+    return Split(torch.stack(tensors), torch.tensor(labels, dtype=torch.long)), skipped
 
 
 def load_imagefolder(cfg) -> Source:
     if not cfg.root:
-        raise UserError("data=imagefolder needs data.root=<dir> (the folder that holds train/<class>/<images>)")
+        raise UserError(f"data=imagefolder needs data.root=<dir>; expected layout: {LAYOUT}")
     root = Path(os.path.expanduser(cfg.root)).resolve()
+    if not root.is_dir():
+        raise UserError(f"data.root={cfg.root}: {root} does not exist or is not a directory; "
+                        f"point it at a dataset laid out as {LAYOUT}")
     if not (root / "train").is_dir():
-        raise UserError(f"data=imagefolder needs {root}/train/<class>/<images>; {root / 'train'} "
-                        "is not a directory. Set data.root to the folder that holds train/ (and optionally val/, test/).")
+        raise UserError(f"data.root={cfg.root}: {root} has no train/ folder; data=imagefolder expects {LAYOUT}")
     classes, train_files = _image_files(root / "train")
     if not train_files:
-        raise UserError(f"no images found under {root / 'train'}/<class>/ (any format PIL reads)")
+        raise UserError(f"data.root={cfg.root}: no images found under {root / 'train'}/<class>/; "
+                        f"data=imagefolder expects {LAYOUT}")
     splits = {"train": train_files}
     for name in ("val", "test"):
         if (root / name).is_dir():
             split_classes, splits[name] = _image_files(root / name)
             if split_classes != classes:
-                raise UserError(f"{root / name} has classes {split_classes} but train/ has {classes}")
+                only_split = sorted(set(split_classes) - set(classes))
+                only_train = sorted(set(classes) - set(split_classes))
+                diff = "; ".join(part for part in (
+                    f"only in {name}/: {', '.join(only_split)}" if only_split else "",
+                    f"only in train/: {', '.join(only_train)}" if only_train else "") if part)
+                raise UserError(f"data.root={cfg.root}: {name}/ and train/ must hold the same class folders ({diff}); "
+                                f"rename or add folders so they match")
+    on_bad_image = getattr(cfg, "on_bad_image", "error") or "error"
 
     # decode once; cache keyed by the file list, their sizes and mtimes, and the image size
+    # (and data.on_bad_image=skip: a cache of a tree with bad images left out must not serve error mode)
     key = hashlib.sha1(repr((str(root), cfg.image_size, [
         (str(p), p.stat().st_size, p.stat().st_mtime_ns) for fs in splits.values() for p, _ in fs
-    ])).encode()).hexdigest()[:16]
+    ], *(["skip"] if on_bad_image == "skip" else []))).encode()).hexdigest()[:16]
     cache = Path(os.path.expanduser(cfg.cache_dir)) / f"imagefolder-{root.name}-{key}.pt"
     if cache.exists():
         decoded = torch.load(cache, weights_only=True)
+        if "skipped" in decoded:
+            log.warning("data.on_bad_image=skip: skipped %d unreadable image(s) under %s (as cached)",
+                        int(decoded["skipped"]["count"]), root)
     else:
-        decoded = {name: vars(_decode(files, cfg.image_size)) for name, files in splits.items()}
+        decoded, skipped = {}, []
+        for name, files in splits.items():
+            split, left_out = _decode(files, cfg.image_size, on_bad_image)
+            decoded[name] = vars(split)
+            skipped += left_out
+        if skipped:
+            log.warning("data.on_bad_image=skip: skipped %d unreadable image(s) under %s (first: %s)",
+                        len(skipped), root, skipped[0])
+            decoded["skipped"] = {"count": torch.tensor(len(skipped))}
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
         torch.save(decoded, tmp)

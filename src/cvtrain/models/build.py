@@ -3,7 +3,8 @@ from omegaconf import OmegaConf
 
 from cvtrain import UserError
 from cvtrain.models.init import init_weights
-from cvtrain.models.registry import create_model, list_models, model_kind
+from cvtrain.models.registry import create_model, list_models, model_builder, model_kind
+from cvtrain.checks import check_model_values, check_types
 
 
 def build_model(model_cfg, in_shape, num_classes: int):
@@ -19,6 +20,8 @@ def build_model(model_cfg, in_shape, num_classes: int):
     if not name:
         raise UserError(f"model.name is missing; registered models: {', '.join(list_models())}")
     in_shape = tuple(in_shape)
+    check_types("model", name, options, model_builder(name))  # model.hidden_sizes=512, model.dropout=x: the expected type
+    check_model_values(name, options)
     if model_kind(name) == "fitted":
         return create_model(name, in_shape, num_classes, **options)
     scheme, bias_init = options.pop("init", "native"), options.pop("bias_init", 0.0)

@@ -57,6 +57,6 @@ class KNNClassifier:
 
 
 @register_model(kind="fitted")
-def knn(in_shape, num_classes, k=5, distance="l2", chunk_size=256, cv_folds=0):
+def knn(in_shape, num_classes, k: int = 5, distance: str = "l2", chunk_size: int = 256, cv_folds: int = 0):
     """k-nearest neighbours on the flattened (preprocessed) images; fitted, not trained."""
     return KNNClassifier(k, distance, chunk_size, cv_folds)

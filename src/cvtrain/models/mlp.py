@@ -42,7 +42,7 @@ ACTIVATIONS = {
 
 @register_model("mlp")
 def mlp(in_shape, num_classes, hidden_sizes=(256,), activation="relu", dropout=0.0, batch_norm=False,
-        maxout_pieces=2):
+        maxout_pieces: int = 2):
     if activation not in ACTIVATIONS:
         raise UserError(f"model.activation='{activation}' is unknown; choose one of {', '.join(ACTIVATIONS)}")
     c, h, w = in_shape

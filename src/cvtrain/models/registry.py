@@ -78,13 +78,22 @@ def model_kind(name: str) -> str:
     return _KIND[name]
 
 
-def create_model(name: str, in_shape: tuple[int, int, int], num_classes: int, **options):
-    """Build model `name` for images of shape (C, H, W) and `num_classes` classes, as its constructor
-    initializes it (model.init=native); build_model applies model.init and the output-layer rule."""
+def model_builder(name):
+    """The registered builder of model `name` (None when there is none)."""
+    return _MODELS.get(name)
+
+
+def check_model_options(name: str, options: dict) -> None:
+    """A UserError unless model `name` is registered and takes every key of `options`."""
     _require_known(name)
-    builder = _MODELS[name]
-    accepted = set(inspect.signature(builder).parameters) - {"in_shape", "num_classes"}
+    accepted = set(inspect.signature(_MODELS[name]).parameters) - {"in_shape", "num_classes"}
     unknown = sorted(set(options) - accepted)
     if unknown:
         raise UserError(f"model '{name}' has no option(s) {unknown}; its options are {sorted(accepted)}")
-    return builder(in_shape=tuple(in_shape), num_classes=num_classes, **options)
+
+
+def create_model(name: str, in_shape: tuple[int, int, int], num_classes: int, **options):
+    """Build model `name` for images of shape (C, H, W) and `num_classes` classes, as its constructor
+    initializes it (model.init=native); build_model applies model.init and the output-layer rule."""
+    check_model_options(name, options)
+    return _MODELS[name](in_shape=tuple(in_shape), num_classes=num_classes, **options)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from cvtrain import UserError
 from cvtrain.data import load_data, stratified_split
 from cvtrain.device import resolve_device
 from cvtrain.models import build_model
@@ -53,6 +54,9 @@ def run(cfg, run_dir: Path) -> float:
     start = time.perf_counter()
     data = load_data(cfg.data, device, need_test=cfg.trainer.test)
     knn = build_model(cfg.model, data.shape, data.num_classes)
+    if knn.k > len(data.train):
+        raise UserError(f"model.k={knn.k} is more than the {len(data.train)} training images of data={cfg.data.name} "
+                        "(after the validation split); lower model.k")
     train_x, train_y = preprocessed(data.train, data.preprocess, device)
     val_x, val_y = preprocessed(data.val, data.preprocess, device)
     ks = sorted(set(K_GRID) | {knn.k})

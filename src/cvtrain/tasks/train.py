@@ -8,24 +8,37 @@ train() chains them and closes the logger on every exit path; run() is the task 
 returns the objective, the best validation accuracy). A fitted model (the registry's kind
 "fitted": kNN) has no optimizer loop: run() hands it to tasks/knn.py.
 
+Reliability, as plain code: trainer.resume=auto finds the newest good checkpoint of the run dir
+(find_resume), the resumed run takes the checkpoint's settings unless the command line overrides
+them (resumed_config); trainer.checkpoint_every_steps writes step-<step>.pt after training_step in
+train_one_epoch(), with the position inside the epoch so a resume continues at the exact batch;
+SIGINT / SIGTERM set a stop flag (state.stop_signal, handlers installed at the end of setup() and
+restored in train()'s finally) checked between steps: a checkpoint, summary.json "interrupted",
+the command that resumes, then Interrupted (exit status 130 / 143).
+
 Seams for what comes next, as plain code: wrap `state.model` (DDP) at the end of setup(); add an
-EMA copy or per-step checkpoints after `training_step` in train_one_epoch(); check a stop flag
-(a signal handler) between steps and epochs in fit().
+EMA copy after `training_step` in train_one_epoch().
 """
+import copy
+import json
 import logging
 import math
+import shlex
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf, open_dict
 from tqdm import tqdm
 
-from cvtrain import TrainingDiverged, UserError
+from cvtrain import Interrupted, TrainingDiverged, UserError
 from cvtrain.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from cvtrain.data import BatchAugment, InMemoryLoader, load_data
 from cvtrain.data.augment import BatchMix, mix_generator
@@ -66,6 +79,12 @@ class TrainState:
     train_time: float = 0.0  # seconds in training steps (not validation)
     train_images: int = 0
     started: float = field(default_factory=time.perf_counter)
+    # the position inside the current epoch (a mid-epoch checkpoint holds it, a resume continues there):
+    batch: int = 0  # batches of epoch `epoch` done
+    totals: Any = None  # (loss sum, correct, seen) of those batches
+    mix_gen: Any = None  # the mixup/cutmix generator of the epoch (aug.mixup/cutmix_alpha)
+    stop_signal: Any = None  # SIGINT / SIGTERM received: stop after the current step
+    handlers: dict = field(default_factory=dict)  # the signal handlers setup() replaced
 
     @property
     def params(self) -> int:
@@ -75,10 +94,16 @@ class TrainState:
 def setup(cfg, run_dir: Path) -> TrainState:
     """Check the config, load the data, build everything, restore a checkpoint (trainer.resume)."""
     run_dir = Path(run_dir)
+    resume_path, resume = find_resume(cfg, run_dir)
+    if resume:
+        cfg = resumed_config(cfg, resume, command_line_keys())
+        with open_dict(cfg):
+            cfg.trainer.resume = str(resume_path)
+        if (run_dir / ".hydra" / "config.yaml").is_file():  # what this run really uses (the HPARAMS tab reads it)
+            OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml", resolve=True)
     device = resolve_device(cfg.trainer.device)
-    resume = load_checkpoint(cfg.trainer.resume) if cfg.trainer.resume else None
     if resume and resume["epoch"] >= cfg.trainer.epochs:
-        raise UserError(f"{cfg.trainer.resume} already holds {resume['epoch']} epochs; "
+        raise UserError(f"{resume_path} already holds {resume['epoch']} epochs; "
                         f"set trainer.epochs above that to train on")
     if cfg.trainer.epochs < 1:
         raise UserError(f"trainer.epochs={cfg.trainer.epochs}: train for at least 1 epoch")
@@ -104,7 +129,128 @@ def setup(cfg, run_dir: Path) -> TrainState:
     state.monitor = TrainingMonitor(model, cfg.trainer, state.logger)
     log.info("%s: %d parameters | data %s %s, %d train / %d val images | device %s | run dir %s",
              cfg.model.name, state.params, cfg.data.name, data.shape, len(data.train), len(data.val), device, run_dir)
+    _install_stop_handlers(state)  # last: nothing after it raises, train()'s finally restores them
     return state
+
+
+# --- resume: which checkpoint, which settings ---------------------------------------------------
+
+def checkpoint_candidates(run_dir: Path) -> list[Path]:
+    """The checkpoints a run dir holds: last.pt, step-<step>.pt, best.pt (not temporary files)."""
+    folder = Path(run_dir) / "checkpoints"
+    return [p for p in [folder / "last.pt", *sorted(folder.glob("step-*.pt")), folder / "best.pt"] if p.is_file()]
+
+
+def find_resume(cfg, run_dir: Path) -> tuple[Any, Any]:
+    """(path, checkpoint) to resume from, or (None, None) for a fresh start.
+
+    trainer.resume=<path>: that file (an error when it is missing or damaged). trainer.resume=auto:
+    the newest good checkpoint of this run dir (the most steps; at equal steps one written after
+    validation), past damaged ones (a warning each), or a fresh start with a note when there is none.
+    A run dir whose summary.json says completed is written into only by a resume."""
+    resume = cfg.trainer.resume
+    if not resume:
+        _refuse_completed(run_dir)
+        return None, None
+    if str(resume) != "auto":
+        return Path(resume), load_checkpoint(resume)
+    for stale in (Path(run_dir) / "checkpoints").glob("*.tmp"):  # left by a killed writer: never a checkpoint
+        stale.unlink(missing_ok=True)
+    best = None
+    for path in checkpoint_candidates(run_dir):
+        try:
+            saved = load_checkpoint(path)
+        except UserError as err:
+            log.warning("trainer.resume=auto: skipping a damaged checkpoint, falling back to an older one: %s", err)
+            continue
+        key = (saved["step"], saved.get("batch", 0) == 0, path.name != "best.pt")
+        if best is None or key > best[0]:
+            best = (key, path, saved)
+    if best is None:
+        log.info("trainer.resume=auto: no checkpoint in %s; starting a fresh run there", Path(run_dir) / "checkpoints")
+        return None, None
+    _, path, saved = best
+    log.info("trainer.resume=auto: resuming from %s (step %d, epoch %d%s)", path, saved["step"], saved["epoch"],
+             f" + {saved['batch']} batches" if saved.get("batch") else "")
+    return path, saved
+
+
+def _refuse_completed(run_dir: Path) -> None:
+    summary = Path(run_dir) / "summary.json"
+    try:
+        status = json.loads(summary.read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return
+    if status == "completed":
+        raise UserError(f"{run_dir} holds a completed run (summary.json); choose another hydra.run.dir, or "
+                        "continue that run with trainer.resume=auto and a larger trainer.epochs")
+
+
+def command_line_keys():
+    """The config keys set on the command line (a group choice such as model=mlp: the group's key),
+    or None outside a Hydra run (then every setting of the composed config counts as set)."""
+    if not HydraConfig.initialized():
+        return None
+    keys = []
+    for override in HydraConfig.get().overrides.task:
+        key = override.split("=", 1)[0].lstrip("+~").split("@", 1)[0]
+        keys.append(key)
+    return keys
+
+
+def _leaves(node, prefix: str = "") -> dict:
+    """{dotted key: value} of a plain nested dict."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out = {}
+    for key, value in node.items():
+        out.update(_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def resumed_config(cfg, saved: dict, keys) -> Any:
+    """The resumed run's config: the checkpoint's, except what the command line set (`keys`, None: all of
+    it). Every setting that differs from the checkpoint's is listed in one warning; another model is an
+    error naming the difference."""
+    now = OmegaConf.to_container(cfg, resolve=True)
+    before = saved["config"]
+    merged = copy.deepcopy(cfg)
+    if keys is not None:
+        overridden = set(keys)
+        with open_dict(merged):
+            for group, value in before.items():
+                if group in ("task", "hydra") or group not in now or group in overridden:
+                    continue
+                if isinstance(value, dict) and isinstance(now[group], dict) and OmegaConf.is_config(merged[group]) \
+                        and OmegaConf.get_type(merged[group]) is not dict:  # a typed group: key by key
+                    for key, leaf in _leaves(value, group).items():
+                        if key not in overridden and not any(key.startswith(k + ".") for k in overridden) \
+                                and OmegaConf.select(merged, key, default="<missing>") != "<missing>":
+                            OmegaConf.update(merged, key, leaf, merge=False)
+                else:  # a `name:` group (model, optim, ...): the checkpoint's node, with this command line's keys
+                    merged[group] = value
+                    for key in overridden:
+                        if key.startswith(group + "."):
+                            OmegaConf.update(merged, key, OmegaConf.select(cfg, key), merge=False)
+    after = OmegaConf.to_container(merged, resolve=True)
+    _check_model(before.get("model"), after.get("model"))
+    old, new = _leaves({k: v for k, v in before.items() if k != "task"}), _leaves({k: v for k, v in after.items() if k != "task"})
+    changed = [f"{key} {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}"
+               for key in sorted(set(old) | set(new))
+               if key != "trainer.resume" and old.get(key, "(unset)") != new.get(key, "(unset)")]
+    if changed:
+        log.warning("resuming with %d setting(s) that differ from the checkpoint's: %s", len(changed), "; ".join(changed))
+    return merged
+
+
+def _check_model(before, now) -> None:
+    if before is None or before == now:
+        return
+    old, new = _leaves(before, "model"), _leaves(now, "model")
+    diff = [f"{key} {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}"
+            for key in sorted(set(old) | set(new)) if old.get(key, "(unset)") != new.get(key, "(unset)")]
+    raise UserError(f"trainer.resume: the checkpoint was trained with another model ({'; '.join(diff)}); "
+                    "resume with the same model settings")
 
 
 def fit(state: TrainState) -> None:
@@ -114,7 +260,13 @@ def fit(state: TrainState) -> None:
     for epoch in range(state.epoch, cfg.trainer.epochs):
         state.train_loader.set_epoch(epoch)
         t0 = time.perf_counter()
-        train_loss, train_acc = train_one_epoch(state, desc=f"epoch {epoch + 1}/{cfg.trainer.epochs}")
+        done = train_one_epoch(state, desc=f"epoch {epoch + 1}/{cfg.trainer.epochs}")
+        if done is None:  # SIGINT / SIGTERM: a checkpoint at this exact position, then stop
+            save_checkpoint(state.run_dir / "checkpoints" / "last.pt", checkpoint_state(state))
+            raise Interrupted(state.stop_signal, f"stopped by {signal.Signals(state.stop_signal).name} at step "
+                                                 f"{state.step} (epoch {state.epoch + 1}, batch {state.batch})")
+        train_loss, train_acc = done
+        state.batch, state.totals, state.mix_gen = 0, None, None
         epoch_time = time.perf_counter() - t0
         state.monitor.end_epoch(state.step)  # histograms of the weights and the last step's gradients
         state.train_time += epoch_time
@@ -142,20 +294,33 @@ def fit(state: TrainState) -> None:
                 save_checkpoint(state.run_dir / "checkpoints" / "best.pt", checkpoint)
 
 
-def train_one_epoch(state: TrainState, desc: str) -> tuple[float, float]:
-    """One pass over the training data: (mean loss, accuracy). The per-step losses and lr go to
-    TensorBoard every trainer.log_every steps (one host sync each time), where the loss guard
-    also looks at them (TrainingDiverged)."""
+def train_one_epoch(state: TrainState, desc: str):
+    """One pass over the training data, from batch state.batch on (a mid-epoch resume): (mean loss,
+    accuracy), or None when a stop signal came (state holds the position reached). The per-step losses
+    and lr go to TensorBoard every trainer.log_every steps (one host sync each time), where the loss
+    guard also looks at them (TrainingDiverged). trainer.checkpoint_every_steps: step-<step>.pt."""
     cfg, model = state.cfg, state.model
     model.train()
-    mix, mix_gen = BatchMix(cfg.aug), mix_generator(cfg.trainer.seed, state.step)  # aug.mixup/cutmix_alpha
+    mix = BatchMix(cfg.aug)  # aug.mixup/cutmix_alpha
+    if state.mix_gen is None:  # the epoch's generator, from its first step (a mid-epoch resume restores it)
+        state.mix_gen = mix_generator(cfg.trainer.seed, state.step - state.batch)
+    mix_gen = state.mix_gen
     pending = Pending(state.step, with_reg=bool(state.regularizer))
-    total_loss = torch.zeros((), device=state.device)
-    correct = torch.zeros((), device=state.device, dtype=torch.long)
-    seen = 0
+    if state.totals is None:
+        state.totals = (torch.zeros((), device=state.device), torch.zeros((), device=state.device, dtype=torch.long), 0)
+    total_loss, correct, seen = state.totals
+    every = cfg.trainer.checkpoint_every_steps
     show_bar = cfg.trainer.progress and sys.stderr.isatty()
-    with tqdm(total=len(state.train_loader), desc=desc, disable=not show_bar, leave=False, unit="batch") as bar:
-        for i, (x, y) in enumerate(state.train_loader):
+    batches = iter(state.train_loader)
+    for _ in range(state.batch):  # replay the loader's draws (order, augmentation) up to the resume point
+        next(batches)
+    with tqdm(total=len(state.train_loader), initial=state.batch, desc=desc, disable=not show_bar, leave=False,
+              unit="batch") as bar:
+        for i, (x, y) in enumerate(batches, start=state.batch):
+            if state.stop_signal is not None:  # between steps: the position and totals so far are in state
+                if len(pending):
+                    pending.flush(state.logger, state.monitor, state.step)
+                return None
             lr = state.optimizer.param_groups[0]["lr"]
             out = training_step(model, x, y, state.loss_fn, state.optimizer, state.regularizer,
                                 mix=(lambda x, y: mix(x, y, mix_gen)) if mix else None,
@@ -166,10 +331,26 @@ def train_one_epoch(state: TrainState, desc: str) -> tuple[float, float]:
             correct += (out.scores.argmax(1) == out.labels).sum()
             seen += len(out.labels)
             state.step += 1
+            state.batch, state.totals = i + 1, (total_loss, correct, seen)
             bar.update()
-            if len(pending) >= cfg.trainer.log_every or i == len(state.train_loader) - 1:
+            if len(pending) >= cfg.trainer.log_every or i == len(state.train_loader) - 1 or \
+                    (every > 0 and state.step % every == 0):
                 bar.set_postfix(loss=f"{pending.flush(state.logger, state.monitor, state.step):.4f}")
+            if every > 0 and state.step % every == 0:
+                save_step_checkpoint(state)
+    if state.stop_signal is not None and state.batch < len(state.train_loader):  # not reached: the loop checks
+        return None
     return total_loss.item() / seen, correct.item() / seen
+
+
+def save_step_checkpoint(state: TrainState) -> None:
+    """checkpoints/step-<step>.pt, keeping the newest trainer.keep_checkpoints of them."""
+    folder = state.run_dir / "checkpoints"
+    save_checkpoint(folder / f"step-{state.step}.pt", checkpoint_state(state))
+    steps = sorted((int(p.stem.removeprefix("step-")), p) for p in folder.glob("step-*.pt")
+                   if p.stem.removeprefix("step-").isdigit())
+    for _, old in steps[:-max(1, state.cfg.trainer.keep_checkpoints)]:
+        old.unlink(missing_ok=True)
 
 
 class Pending:
@@ -210,6 +391,11 @@ def checkpoint_state(state: TrainState) -> dict:
     return {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
             "scheduler": state.scheduler.state_dict(), "epoch": state.epoch, "step": state.step,
             "best_val_acc": state.best_val_acc, "best_epoch": state.best_epoch, "rng": rng_state(),
+            # the position inside epoch `epoch` (0 batches at an epoch's end): a resume continues there exactly
+            "batch": state.batch,
+            "epoch_totals": None if not state.batch else
+            {"loss": state.totals[0].detach().clone(), "correct": state.totals[1].detach().clone(), "seen": state.totals[2]},
+            "mix_rng": state.mix_gen.get_state() if state.batch and state.mix_gen is not None else None,
             "config": OmegaConf.to_container(state.cfg, resolve=True),
             "data": {"mean": data.mean, "std": data.std, "preprocess": data.preprocess.state_dict(),
                      "classes": list(data.classes), "shape": list(data.shape)}}
@@ -256,8 +442,56 @@ def train(cfg, run_dir: Path) -> dict:
         state.logger.summary(summary, state.step)
         write_summary(state.run_dir, summary)
         raise
+    except Interrupted as err:
+        command = resume_command(state.run_dir)
+        summary = {"status": "interrupted", "reason": str(err), "step": state.step, "epochs": state.epoch,
+                   "batch": state.batch, "best_val_acc": state.best_val_acc if state.best_epoch else None,
+                   "best_epoch": state.best_epoch, "params": state.params, "device": str(state.device),
+                   "resume_command": command, **state.monitor.summary()}
+        state.logger.summary(summary, state.step)
+        write_summary(state.run_dir, summary)
+        log.warning("%s; checkpoint %s. Resume with:\n%s", err, state.run_dir / "checkpoints" / "last.pt", command)
+        raise
     finally:
+        _restore_stop_handlers(state)
         state.logger.close()
+
+
+# --- SIGINT / SIGTERM: a stop flag checked between steps -------------------------------------------
+
+def _install_stop_handlers(state: TrainState) -> None:
+    """The first SIGINT (Ctrl-C) or SIGTERM sets state.stop_signal: the loop stops after the current step
+    with a checkpoint; a second one stops at once (Interrupted from the handler). Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        if state.stop_signal is not None:
+            raise Interrupted(signum, f"stopped at once by a second {signal.Signals(signum).name} at step {state.step}")
+        state.stop_signal = signum
+        log.warning("%s: stopping after the current step with a checkpoint (again: stop at once)",
+                    signal.Signals(signum).name)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        state.handlers[signum] = signal.signal(signum, handler)
+
+
+def _restore_stop_handlers(state: TrainState) -> None:
+    for signum, previous in state.handlers.items():
+        signal.signal(signum, previous)
+    state.handlers = {}
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues this run in its run dir: this command line (a sweep trial: its own
+    overrides) with trainer.resume=auto hydra.run.dir=<run dir>."""
+    if HydraConfig.initialized():
+        args = list(HydraConfig.get().overrides.task)
+    else:
+        args = [a for a in sys.argv[1:] if not a.startswith("-")]
+    args = [a for a in args if not a.lstrip("+~").startswith(("trainer.resume=", "hydra.run.dir="))]
+    return " ".join(["python -m cvtrain", *map(shlex.quote, args), "trainer.resume=auto",
+                     shlex.quote(f"hydra.run.dir={Path(run_dir).resolve()}")])
 
 
 def run(cfg, run_dir: Path) -> float:
@@ -296,8 +530,19 @@ def _restore(state: TrainState, saved: dict) -> None:
     set_rng_state(saved["rng"])
     state.epoch, state.step = saved["epoch"], saved["step"]
     state.best_val_acc, state.best_epoch = saved["best_val_acc"], saved["best_epoch"]
+    state.batch = saved.get("batch", 0)  # a mid-epoch checkpoint: continue at that batch of the epoch
+    if state.batch:
+        if state.batch > len(state.train_loader):
+            raise UserError(f"trainer.resume: the checkpoint stopped at batch {state.batch} of an epoch, but this run's "
+                            f"epochs have {len(state.train_loader)} batches; resume with the same data settings")
+        totals = saved["epoch_totals"]
+        state.totals = (totals["loss"].to(state.device), totals["correct"].to(state.device), totals["seen"])
+        if saved.get("mix_rng") is not None:
+            state.mix_gen = torch.Generator()
+            state.mix_gen.set_state(saved["mix_rng"])
     _carry_best_checkpoint(Path(cfg.trainer.resume), state.run_dir)
-    log.info("resumed from %s at epoch %d", cfg.trainer.resume, state.epoch)
+    log.info("resumed from %s at epoch %d%s (step %d)", cfg.trainer.resume, state.epoch,
+             f", batch {state.batch}" if state.batch else "", state.step)
 
 
 def _carry_best_checkpoint(resume_path: Path, run_dir: Path) -> None:
