@@ -321,3 +321,46 @@ def test_cli_bad_input_exits_2_with_one_error_line(start_cli, tmp_path):
         made = [p.name for p in (tmp_path / name).rglob("*") if p.is_file()]
         assert not [m for m in made if m.startswith("events.") or m.endswith(".pt") or m.startswith("metrics")
                     or m == "summary.json"], made
+
+
+# --- the command line around the run: start-up, the output folder, a resume ---------------------------
+
+def test_ctrl_c_during_start_up_is_one_line(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "cvtrain", "trainer.epochs=1"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(0.5)  # importing torch and Hydra takes seconds
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in out, out
+    assert out.strip() == "interrupted during start-up; nothing was written"
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_error_line(run_cli, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    proc = run_cli(["trainer.epochs=1", f"hydra.run.dir={blocker}/run"], tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout, proc.stdout
+    assert f"error: cannot write run directories under {blocker}/run" in proc.stdout
+    assert "set hydra.run.dir to a folder you can write" in proc.stdout
+
+
+def test_a_resume_path_that_is_a_folder_says_which_file_to_give(run_cli, tmp_path):
+    proc = run_cli(["data=synthetic", "data.image_size=8", "trainer.epochs=1", f"trainer.resume={tmp_path}"], tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout, proc.stdout
+    assert f"error: checkpoint {tmp_path} is a directory, not a checkpoint file" in proc.stdout
+    assert f"{tmp_path}/checkpoints/last.pt" in proc.stdout
+
+
+def test_a_checkpoint_of_other_classes_is_refused_naming_them(run_cli, tmp_path):
+    tiny = ["data=synthetic", "data.num_samples=128", "data.image_size=8", "model=linear", "trainer.epochs=1"]
+    first = run_cli([*tiny, "data.num_classes=10", "hydra.run.dir=first"], tmp_path)
+    assert first.returncode == 0, first.stdout
+    proc = run_cli([*tiny, "data.num_classes=4", "trainer.epochs=2",
+                    f"trainer.resume={tmp_path}/first/checkpoints/last.pt"], tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout, proc.stdout
+    assert "the checkpoint was trained on other classes (10: only there ['class4'" in proc.stdout

@@ -13,23 +13,38 @@ Run dirs never collide: the default ones are claimed with an atomic os.mkdir (${
 configs/config.yaml: <time>_<name>, <time>_<name>-2, ...), and a run dir holding a completed run is
 written into only by a resume (trainer.resume).
 """
-import json
-import logging
 import os
+import signal
 import sys
-from pathlib import Path
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
 
-from cvtrain import ChecksFailed, Interrupted, TrainingDiverged, UserError
-from cvtrain.config import register_configs
-from cvtrain.models import model_kind
-from cvtrain.monitor import write_summary
-from cvtrain.validate import check_config
-from cvtrain.tasks import augviz, gradcheck, lr_find, sanity, summary, train
+def _interrupted_at_start(signum, frame):
+    """Ctrl-C while Python imports torch and Hydra (a few seconds): one line, no traceback."""
+    print("interrupted during start-up; nothing was written", file=sys.stderr)
+    os._exit(130)
+
+
+# before the heavy imports below, so a Ctrl-C during them is one line (main() restores Python's handler);
+# only when this is the command (python -m cvtrain, the cvtrain script), not when a test imports the module
+if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "cvtrain":
+    signal.signal(signal.SIGINT, _interrupted_at_start)
+
+import json  # noqa: E402
+import logging  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from cvtrain import ChecksFailed, Interrupted, TrainingDiverged, UserError  # noqa: E402
+from cvtrain.config import register_configs  # noqa: E402
+from cvtrain.models import model_kind  # noqa: E402
+from cvtrain.monitor import write_summary  # noqa: E402
+from cvtrain.validate import check_config  # noqa: E402
+from cvtrain.tasks import augviz, gradcheck, lr_find, sanity, summary, train  # noqa: E402
 
 log = logging.getLogger("cvtrain")
 
@@ -151,8 +166,27 @@ def _refuse_completed_run_dir(argv: list) -> None:
         sys.exit(2)
 
 
+def _refuse_unwritable_output(argv: list) -> None:
+    """An output folder that cannot be written (permissions, a read-only or full disk, no such place): one
+    error line before Hydra tries to make the run dir there. Makes the folder (Hydra would) and writes a
+    probe file in it."""
+    given = [a.lstrip("+").split("=", 1) for a in argv if a.lstrip("+").startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
+    target = Path(given[-1][1] if given else "outputs").absolute()
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=target):
+            pass
+    except OSError as err:
+        key = given[-1][0] if given else "hydra.run.dir"
+        print(f"error: cannot write run directories under {target} ({err.strerror or err}); set {key} to a "
+              f"folder you can write, e.g. {key}=$HOME/cvtrain-runs/run1", file=sys.stderr)
+        sys.exit(2)
+
+
 def main():
     """The command line (python -m cvtrain, the cvtrain script): Hydra's main, then a sweep's verdict."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, Ctrl-C is KeyboardInterrupt
+    _refuse_unwritable_output(sys.argv[1:])
     _refuse_completed_run_dir(sys.argv[1:])
     try:
         hydra_main()

@@ -76,6 +76,9 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     """The checkpoint at `path`, or a one-line UserError: missing, refused (it would need arbitrary
     unpickling: nothing in it is run), damaged or truncated, or not a cvtrain checkpoint."""
     path = Path(os.path.expanduser(str(path)))
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a directory, not a checkpoint file; trainer.resume takes a file such as "
+                        f"{path}/checkpoints/last.pt (or trainer.resume=auto with hydra.run.dir={path})")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; trainer.resume takes a file such as "
                         "outputs/<run>/checkpoints/last.pt (or trainer.resume=auto with hydra.run.dir=<run dir>)")

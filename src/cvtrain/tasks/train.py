@@ -509,6 +509,14 @@ def _restore(state: TrainState, saved: dict) -> None:
         if before.get("name") != now.get("name") or (group == "model" and before != now):
             raise UserError(f"trainer.resume: the checkpoint was trained with {group} {before}, but this run "
                             f"asks for {now}; resume with the same {group} settings")
+    saved_classes, classes = list(saved["data"]["classes"]), list(state.data.classes)
+    if saved_classes != classes:
+        only_saved = [c for c in saved_classes if c not in classes][:5]
+        only_now = [c for c in classes if c not in saved_classes][:5]
+        raise UserError(f"trainer.resume: the checkpoint was trained on other classes ({len(saved_classes)}: only "
+                        f"there {only_saved or '-'}; {len(classes)} in data={cfg.data.name}: only here {only_now or '-'}"
+                        f"{'; same names, another order' if not only_saved and not only_now else ''}); resume on "
+                        "the data it was trained on")
     try:
         state.model.load_state_dict(saved["model"])
     except RuntimeError as err:
