@@ -286,7 +286,7 @@ def test_sigkill_at_random_instants_never_loses_a_checkpoint(tmp_path, run_cli):
     """Kill a run with SIGKILL at random instants (many during checkpoint writes: one every step),
     >= 10 times: after each kill every checkpoint on disk loads, and trainer.resume=auto finishes the
     run with the final weights of an uninterrupted run."""
-    args = [*LONG, "trainer.epochs=6", "trainer.checkpoint_every_steps=1", "trainer.keep_checkpoints=3",
+    args = [*LONG, "trainer.epochs=16", "trainer.checkpoint_every_steps=1", "trainer.keep_checkpoints=3",
             "trainer.log_every=1"]
     straight = run_cli([*args, "hydra.run.dir=straight"], tmp_path, timeout=600)
     assert straight.returncode == 0, straight.stdout
@@ -303,7 +303,7 @@ def test_sigkill_at_random_instants_never_loses_a_checkpoint(tmp_path, run_cli):
         while proc.poll() is None and not any(p.stat().st_mtime > started for p in
                                               (run_dir / "checkpoints").glob("*") if p.exists()):
             time.sleep(0.005)
-        time.sleep(rng.uniform(0.0, 0.5))
+        time.sleep(rng.uniform(0.0, 0.3))
         if proc.poll() is not None:  # finished before the kill
             assert proc.returncode == 0, proc.communicate()[0]
             break
@@ -327,3 +327,23 @@ def test_sigkill_at_random_instants_never_loses_a_checkpoint(tmp_path, run_cli):
     assert final.returncode == 0, final.stdout
     assert_same_weights(weights(tmp_path / "straight"), weights(run_dir))
     assert kills >= 10 and survived == kills
+
+
+def test_a_full_disk_keeps_the_last_good_checkpoint_and_says_so(tmp_path, monkeypatch):
+    import errno
+
+    path = tmp_path / "run" / "checkpoints" / "last.pt"
+    save_checkpoint(path, {"step": 1, "weights": torch.ones(3)})
+    real_save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(UserError, match="No space left on device.*the previous last.pt is intact.*trainer.resume=auto"):
+        save_checkpoint(path, {"step": 2, "weights": torch.zeros(3)})
+    monkeypatch.setattr(torch, "save", real_save)
+    kept = torch.load(path, weights_only=True)  # the first checkpoint, whole
+    assert kept["step"] == 1 and torch.equal(kept["weights"], torch.ones(3))
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temporary file left

@@ -168,13 +168,15 @@ def _refuse_completed_run_dir(argv: list) -> None:
 
 def _refuse_unwritable_output(argv: list) -> None:
     """An output folder that cannot be written (permissions, a read-only or full disk, no such place): one
-    error line before Hydra tries to make the run dir there. Makes the folder (Hydra would) and writes a
-    probe file in it."""
+    error line before Hydra tries to make the run dir there: a probe file in the nearest existing folder on
+    the way, removed at once."""
     given = [a.lstrip("+").split("=", 1) for a in argv if a.lstrip("+").startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
     target = Path(given[-1][1] if given else "outputs").absolute()
+    existing = next(p for p in [target, *target.parents] if p.exists())  # makes nothing: a probe file, removed
     try:
-        target.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=target):
+        if not existing.is_dir():
+            raise NotADirectoryError(20, f"{existing} is a file")
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as err:
         key = given[-1][0] if given else "hydra.run.dir"

@@ -65,6 +65,12 @@ def save_checkpoint(path: Path, state: dict, durable: bool = True) -> None:
             if durable:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:  # a full disk, lost permissions, a read-only file system
+        tmp.unlink(missing_ok=True)
+        kept = f"the previous {path.name} is intact" if path.is_file() else f"no {path.name} was written"
+        raise UserError(f"cannot write checkpoint {path} ({err.strerror or err}); {kept}. Free space or fix the "
+                        "folder's permissions, then continue with trainer.resume=auto "
+                        f"hydra.run.dir={path.parent.parent}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

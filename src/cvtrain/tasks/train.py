@@ -94,6 +94,7 @@ class TrainState:
 def setup(cfg, run_dir: Path) -> TrainState:
     """Check the config, load the data, build everything, restore a checkpoint (trainer.resume)."""
     run_dir = Path(run_dir)
+    auto = cfg.trainer.resume == "auto"
     resume_path, resume = find_resume(cfg, run_dir)
     if resume:
         cfg = resumed_config(cfg, resume, command_line_keys())
@@ -102,7 +103,9 @@ def setup(cfg, run_dir: Path) -> TrainState:
         if (run_dir / ".hydra" / "config.yaml").is_file():  # what this run really uses (the HPARAMS tab reads it)
             OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml", resolve=True)
     device = resolve_device(cfg.trainer.device)
-    if resume and resume["epoch"] >= cfg.trainer.epochs:
+    # resume=auto after a crash between the last epoch's checkpoint and summary.json: only finish() is left
+    finishing = auto and resume and resume["epoch"] == cfg.trainer.epochs
+    if resume and resume["epoch"] >= cfg.trainer.epochs and not finishing:
         raise UserError(f"{resume_path} already holds {resume['epoch']} epochs; "
                         f"set trainer.epochs above that to train on")
     if cfg.trainer.epochs < 1:
