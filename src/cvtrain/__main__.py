@@ -29,7 +29,6 @@ def _interrupted_at_start(signum, frame):
 if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "cvtrain":
     signal.signal(signal.SIGINT, _interrupted_at_start)
 
-import json  # noqa: E402
 import logging  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -43,6 +42,7 @@ from cvtrain import ChecksFailed, Interrupted, TrainingDiverged, UserError  # no
 from cvtrain.config import register_configs  # noqa: E402
 from cvtrain.models import model_kind  # noqa: E402
 from cvtrain.monitor import write_summary  # noqa: E402
+from cvtrain.resume import completed  # noqa: E402
 from cvtrain.validate import check_config  # noqa: E402
 from cvtrain.tasks import augviz, gradcheck, lr_find, sanity, summary, train  # noqa: E402
 
@@ -156,11 +156,7 @@ def _refuse_completed_run_dir(argv: list) -> None:
     given = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("hydra.run.dir=")]
     if not given or any(a.lstrip("+").startswith("trainer.resume=") for a in argv):
         return
-    try:
-        status = json.loads(Path(given[-1], "summary.json").read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
-        return
-    if status == "completed":
+    if completed(Path(given[-1])):
         print(f"error: {given[-1]} holds a completed run (summary.json); choose another hydra.run.dir, or continue "
               "that run with trainer.resume=auto and a larger trainer.epochs", file=sys.stderr)
         sys.exit(2)

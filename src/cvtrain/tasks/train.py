@@ -9,8 +9,8 @@ returns the objective, the best validation accuracy). A fitted model (the regist
 "fitted": kNN) has no optimizer loop: run() hands it to tasks/knn.py.
 
 Reliability, as plain code: trainer.resume=auto finds the newest good checkpoint of the run dir
-(find_resume), the resumed run takes the checkpoint's settings unless the command line overrides
-them (resumed_config); trainer.checkpoint_every_steps writes step-<step>.pt after training_step in
+(cvtrain/resume.py: find_resume), the resumed run takes the checkpoint's settings unless the command
+line overrides them (resumed_config); trainer.checkpoint_every_steps writes step-<step>.pt after training_step in
 train_one_epoch(), with the position inside the epoch so a resume continues at the exact batch;
 SIGINT / SIGTERM set a stop flag (state.stop_signal, handlers installed at the end of setup() and
 restored in train()'s finally) checked between steps: a checkpoint, summary.json "interrupted",
@@ -19,11 +19,8 @@ the command that resumes, then Interrupted (exit status 130 / 143).
 Seams for what comes next, as plain code: wrap `state.model` (DDP) at the end of setup(); add an
 EMA copy after `training_step` in train_one_epoch().
 """
-import copy
-import json
 import logging
 import math
-import shlex
 import shutil
 import signal
 import sys
@@ -34,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 from tqdm import tqdm
 
@@ -49,6 +45,7 @@ from cvtrain.models import build_model, model_kind
 from cvtrain.hparams import run_hparams
 from cvtrain.monitor import RunLogger, TrainingMonitor, write_summary
 from cvtrain.optim import build_optimizer, build_scheduler
+from cvtrain.resume import command_line_keys, find_resume, resume_command, resumed_config
 from cvtrain.tasks import knn
 from cvtrain.tasks.sanity import require_sanity
 
@@ -137,124 +134,6 @@ def setup(cfg, run_dir: Path) -> TrainState:
 
 
 # --- resume: which checkpoint, which settings ---------------------------------------------------
-
-def checkpoint_candidates(run_dir: Path) -> list[Path]:
-    """The checkpoints a run dir holds: last.pt, step-<step>.pt, best.pt (not temporary files)."""
-    folder = Path(run_dir) / "checkpoints"
-    return [p for p in [folder / "last.pt", *sorted(folder.glob("step-*.pt")), folder / "best.pt"] if p.is_file()]
-
-
-def find_resume(cfg, run_dir: Path) -> tuple[Any, Any]:
-    """(path, checkpoint) to resume from, or (None, None) for a fresh start.
-
-    trainer.resume=<path>: that file (an error when it is missing or damaged). trainer.resume=auto:
-    the newest good checkpoint of this run dir (the most steps; at equal steps one written after
-    validation), past damaged ones (a warning each), or a fresh start with a note when there is none.
-    A run dir whose summary.json says completed is written into only by a resume."""
-    resume = cfg.trainer.resume
-    if not resume:
-        _refuse_completed(run_dir)
-        return None, None
-    if str(resume) != "auto":
-        return Path(resume), load_checkpoint(resume)
-    for stale in (Path(run_dir) / "checkpoints").glob("*.tmp"):  # left by a killed writer: never a checkpoint
-        stale.unlink(missing_ok=True)
-    best = None
-    for path in checkpoint_candidates(run_dir):
-        try:
-            saved = load_checkpoint(path)
-        except UserError as err:
-            log.warning("trainer.resume=auto: skipping a damaged checkpoint, falling back to an older one: %s", err)
-            continue
-        key = (saved["step"], saved.get("batch", 0) == 0, path.name != "best.pt")
-        if best is None or key > best[0]:
-            best = (key, path, saved)
-    if best is None:
-        log.info("trainer.resume=auto: no checkpoint in %s; starting a fresh run there", Path(run_dir) / "checkpoints")
-        return None, None
-    _, path, saved = best
-    log.info("trainer.resume=auto: resuming from %s (step %d, epoch %d%s)", path, saved["step"], saved["epoch"],
-             f" + {saved['batch']} batches" if saved.get("batch") else "")
-    return path, saved
-
-
-def _refuse_completed(run_dir: Path) -> None:
-    summary = Path(run_dir) / "summary.json"
-    try:
-        status = json.loads(summary.read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
-        return
-    if status == "completed":
-        raise UserError(f"{run_dir} holds a completed run (summary.json); choose another hydra.run.dir, or "
-                        "continue that run with trainer.resume=auto and a larger trainer.epochs")
-
-
-def command_line_keys():
-    """The config keys set on the command line (a group choice such as model=mlp: the group's key),
-    or None outside a Hydra run (then every setting of the composed config counts as set)."""
-    if not HydraConfig.initialized():
-        return None
-    keys = []
-    for override in HydraConfig.get().overrides.task:
-        key = override.split("=", 1)[0].lstrip("+~").split("@", 1)[0]
-        keys.append(key)
-    return keys
-
-
-def _leaves(node, prefix: str = "") -> dict:
-    """{dotted key: value} of a plain nested dict."""
-    if not isinstance(node, dict):
-        return {prefix: node}
-    out = {}
-    for key, value in node.items():
-        out.update(_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
-def resumed_config(cfg, saved: dict, keys) -> Any:
-    """The resumed run's config: the checkpoint's, except what the command line set (`keys`, None: all of
-    it). Every setting that differs from the checkpoint's is listed in one warning; another model is an
-    error naming the difference."""
-    now = OmegaConf.to_container(cfg, resolve=True)
-    before = saved["config"]
-    merged = copy.deepcopy(cfg)
-    if keys is not None:
-        overridden = set(keys)
-        with open_dict(merged):
-            for group, value in before.items():
-                if group in ("task", "hydra") or group not in now or group in overridden:
-                    continue
-                if isinstance(value, dict) and isinstance(now[group], dict) and OmegaConf.is_config(merged[group]) \
-                        and OmegaConf.get_type(merged[group]) is not dict:  # a typed group: key by key
-                    for key, leaf in _leaves(value, group).items():
-                        if key not in overridden and not any(key.startswith(k + ".") for k in overridden) \
-                                and OmegaConf.select(merged, key, default="<missing>") != "<missing>":
-                            OmegaConf.update(merged, key, leaf, merge=False)
-                else:  # a `name:` group (model, optim, ...): the checkpoint's node, with this command line's keys
-                    merged[group] = value
-                    for key in overridden:
-                        if key.startswith(group + "."):
-                            OmegaConf.update(merged, key, OmegaConf.select(cfg, key), merge=False)
-    after = OmegaConf.to_container(merged, resolve=True)
-    _check_model(before.get("model"), after.get("model"))
-    old, new = _leaves({k: v for k, v in before.items() if k != "task"}), _leaves({k: v for k, v in after.items() if k != "task"})
-    changed = [f"{key} {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}"
-               for key in sorted(set(old) | set(new))
-               if key != "trainer.resume" and old.get(key, "(unset)") != new.get(key, "(unset)")]
-    if changed:
-        log.warning("resuming with %d setting(s) that differ from the checkpoint's: %s", len(changed), "; ".join(changed))
-    return merged
-
-
-def _check_model(before, now) -> None:
-    if before is None or before == now:
-        return
-    old, new = _leaves(before, "model"), _leaves(now, "model")
-    diff = [f"{key} {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}"
-            for key in sorted(set(old) | set(new)) if old.get(key, "(unset)") != new.get(key, "(unset)")]
-    raise UserError(f"trainer.resume: the checkpoint was trained with another model ({'; '.join(diff)}); "
-                    "resume with the same model settings")
-
 
 def fit(state: TrainState) -> None:
     """Train from state.epoch to trainer.epochs: an epoch of steps, validation, the schedule's epoch
@@ -483,18 +362,6 @@ def _restore_stop_handlers(state: TrainState) -> None:
     for signum, previous in state.handlers.items():
         signal.signal(signum, previous)
     state.handlers = {}
-
-
-def resume_command(run_dir: Path) -> str:
-    """The command that continues this run in its run dir: this command line (a sweep trial: its own
-    overrides) with trainer.resume=auto hydra.run.dir=<run dir>."""
-    if HydraConfig.initialized():
-        args = list(HydraConfig.get().overrides.task)
-    else:
-        args = [a for a in sys.argv[1:] if not a.startswith("-")]
-    args = [a for a in args if not a.lstrip("+~").startswith(("trainer.resume=", "hydra.run.dir="))]
-    return " ".join(["python -m cvtrain", *map(shlex.quote, args), "trainer.resume=auto",
-                     shlex.quote(f"hydra.run.dir={Path(run_dir).resolve()}")])
 
 
 def run(cfg, run_dir: Path) -> float:
