@@ -33,6 +33,9 @@ class DataConfig:
     download: bool = True  # torchvision sources only: fetch the files when they are missing (needs internet)
     batch_size: int = 128
     eval_batch_size: int = 1000
+    # where the uint8 images live during training: device (on the GPU: no copies per batch), host (pinned
+    # memory, each batch copied ahead on a side stream), auto: device when they fit in half its free memory
+    placement: str = "auto"  # auto | device | host; on the CPU all three are the same
     val_fraction: float = 0.1  # carved from train (stratified) when the source has no val split
     split_seed: int = 0  # fixes the validation split independently of trainer.seed
     # imagefolder: resize (shorter side) + center-crop to this side, needed when sizes differ; synthetic: the side
@@ -105,6 +108,17 @@ class TrainerConfig:
     test: bool = False  # evaluate best.pt on the test split at the end
     sanity: bool = False  # run task=sanity's checks first; a failed check stops the run (exit 2)
     viz: bool = True  # filters/templates, confusion matrix, misclassified, projector at the end (<run dir>/viz, tb)
+    # speed (src/cvtrain/speed.py); an option that does not apply on the device is ignored with a note
+    precision: str = "32"  # 32 | bf16 (bfloat16 autocast) | 16 (float16 autocast + gradient scaler; CUDA)
+    channels_last: bool = False  # NHWC memory layout for the model and its input batches
+    compile: bool = False  # torch.compile the model (compile_time_s is reported apart from training)
+    compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+    cudnn_benchmark: bool = True  # CUDA: cuDNN picks the fastest convolution algorithm per shape
+    tf32: bool = False  # CUDA: float32 matrix products in TF32 (Ampere and newer)
+    # evaluation and weight averaging (src/cvtrain/loop.py)
+    tta: str = "none"  # test-time augmentation of validation/test: none | flip | flip_translate
+    lookahead_every: int = 0  # Lookahead weight averaging every k optimizer steps (0: off)
+    lookahead_alpha: float = 0.5  # the slow weights' step toward the fast ones at the end (from 1.0 at the start)
 
 
 @dataclass
@@ -123,7 +137,8 @@ class Config:
 # Config keys that do not change what is learned, or repeat a group's choice: not hyperparameters,
 # neither in TensorBoard's HPARAMS tab (monitor.run_hparams) nor as columns of scripts/compare_runs.py.
 NOT_HPARAMS = {"task", "data.name", "data.root", "data.download", "data.cache_dir", "data.on_bad_image",
-               "data.eval_batch_size",
+               "data.eval_batch_size", "data.placement", "trainer.channels_last", "trainer.compile",
+               "trainer.compile_mode", "trainer.cudnn_benchmark", "trainer.tf32",
                "trainer.progress", "trainer.log_every", "trainer.checkpoint", "trainer.resume", "trainer.sanity",
                "trainer.checkpoint_every_steps", "trainer.keep_checkpoints",
                "trainer.monitor_every", "trainer.histogram_every", "trainer.explode_factor", "trainer.viz"}

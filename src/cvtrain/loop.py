@@ -4,10 +4,13 @@ tasks/train.py, the learning-rate range test, the sanity overfit check).
     forward -> data loss (+ the reg loss term) -> backward -> clip the gradient norm
             -> optimizer step -> max-norm projection
 
-The seams for what comes later are here, in plain code: mixed precision wraps the forward and
-loss in autocast and routes backward/step through a gradient scaler; a DDP-wrapped model is
-passed as `model` unchanged; an EMA copy of the weights updates after `optimizer.step()`.
+Mixed precision (cvtrain/speed.py, `speed`): the forward pass runs under autocast, the loss is
+computed in float32 from the scores cast up; with a gradient scaler (float16) backward runs on the
+scaled loss and the gradients are unscaled before clipping and the monitors read them, so gradient
+norms and update/weight ratios are the real ones. A DDP-wrapped or compiled model is passed as
+`model` unchanged.
 """
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -26,33 +29,43 @@ class Step:
 
 
 def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable, optimizer,
-                  regularizer=None, mix: Optional[Callable] = None, monitor=None, step: int = 0) -> Step:
+                  regularizer=None, mix: Optional[Callable] = None, monitor=None, step: int = 0,
+                  speed=None) -> Step:
     """One optimizer step on the batch (x, y).
 
     regularizer: a losses.Regularizer (loss term, gradient clipping, max-norm), or None.
     mix: mixup / cutmix as a callable (x, y) -> (x, y, y_mixed_in, lam); the loss becomes
          lam * loss(scores, y) + (1 - lam) * loss(scores, y_mixed_in).
     monitor: a monitor.TrainingMonitor (before_forward / before_step / after_step at `step`), or None.
+    speed: a speed.Speed (autocast, gradient scaler, memory layout), or None: float32.
     """
+    scaler = speed.scaler if speed else None
     if monitor:
         monitor.before_forward(step)
     if mix:
         x, y, y_mixed, lam = mix(x, y)
-        scores = model(x)
-        data_loss = lam * loss_fn(scores, y) + (1 - lam) * loss_fn(scores, y_mixed)
-    else:
-        scores = model(x)
-        data_loss = loss_fn(scores, y)
+    with speed.autocast() if speed else nullcontext():
+        scores = model(speed.layout(x) if speed else x)
+    scores = scores.float()  # the loss and the metrics in float32
+    data_loss = lam * loss_fn(scores, y) + (1 - lam) * loss_fn(scores, y_mixed) if mix else loss_fn(scores, y)
     reg_loss = regularizer() if regularizer else None
     loss = data_loss if reg_loss is None else data_loss + reg_loss
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # the real gradients, for clipping and the monitors
+    else:
+        loss.backward()
     if regularizer is not None:
         regularizer.clip_grad_()  # reg.grad_clip: the global gradient norm, before the step
     if monitor:
         monitor.before_step(step)
     lr = optimizer.param_groups[0]["lr"]
-    optimizer.step()
+    if scaler is not None:
+        scaler.step(optimizer)  # skipped when a gradient is inf/nan (the scale then shrinks)
+        scaler.update()
+    else:
+        optimizer.step()
     if regularizer is not None:
         regularizer.project_()  # reg.max_norm: each unit's incoming weights back into the ball
     if monitor:
@@ -61,15 +74,74 @@ def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: C
                 scores.detach(), y)
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, loss_fn: Callable) -> tuple[float, float]:
-    """(mean loss, accuracy) of `model` in eval mode over the whole loader."""
+TTA = ("none", "flip", "flip_translate")
+
+
+def tta_views(x: torch.Tensor, tta: str) -> list[tuple[float, torch.Tensor]]:
+    """Test-time augmentation: (weight, view) pairs whose weighted scores are averaged.
+    none: the image; flip: the image and its mirror, 1/2 each; flip_translate: those two at 1/2,
+    and both shifted one pixel up-left and one pixel down-right (reflect padding) at 1/8 each
+    (airbench94's TTA level 2)."""
+    if tta == "none":
+        return [(1.0, x)]
+    views = [(0.5, x), (0.5, x.flip(-1))]
+    if tta == "flip_translate":
+        padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+        h, w = x.shape[-2:]
+        up_left, down_right = padded[..., :h, :w], padded[..., 2:, 2:]
+        views = [(0.25, x), (0.25, x.flip(-1))] + [(0.125, v) for v in
+                                                   (up_left, up_left.flip(-1), down_right, down_right.flip(-1))]
+    return views
+
+
+def evaluate(model: nn.Module, loader, loss_fn: Callable, speed=None, tta: str = "none") -> tuple[float, float]:
+    """(mean loss, accuracy) of `model` in eval mode over the whole loader, under torch.inference_mode
+    and `speed`'s precision and layout; `tta`: see tta_views (the scores of the views averaged)."""
     model.eval()
     total_loss = torch.zeros((), device=loader.labels.device)
     correct = torch.zeros((), device=loader.labels.device, dtype=torch.long)
-    for x, y in loader:
-        out = model(x)
-        total_loss += loss_fn(out, y) * len(y)
-        correct += (out.argmax(1) == y).sum()
+    with torch.inference_mode():
+        for x, y in loader:
+            out = 0
+            for weight, view in tta_views(x, tta):
+                with speed.autocast() if speed else nullcontext():
+                    scores = model(speed.layout(view) if speed else view)
+                out = out + weight * scores.float()
+            total_loss += loss_fn(out, y) * len(y)
+            correct += (out.argmax(1) == y).sum()
     n = len(loader.labels)
     return total_loss.item() / n, correct.item() / n
+
+
+class Lookahead:
+    """Lookahead weight averaging (Zhang et al. 2019; airbench94's form), trainer.lookahead_every = k:
+    after every k-th optimizer step the slow weights move a fraction alpha toward the trained (fast)
+    ones, slow += alpha * (fast - slow), and training goes on from the slow weights (fast = slow).
+    alpha starts at 1 (no averaging while the weights move fast) and falls to trainer.lookahead_alpha
+    at the last step: alpha_t = 1 - (1 - alpha) * (t / total_steps)^3. Parameters and floating-point
+    buffers (batch norm's running statistics) both take part."""
+
+    def __init__(self, model: nn.Module, every: int, alpha: float, total_steps: int):
+        self.every, self.alpha, self.total_steps = every, alpha, max(1, total_steps)
+        self.slow = [t.detach().clone() for t in self._tensors(model)]
+
+    @staticmethod
+    def _tensors(model: nn.Module) -> list:
+        return list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]
+
+    @torch.no_grad()
+    def after_step(self, model: nn.Module, step: int, force: bool = False) -> None:
+        """Call with the number of completed steps; `force`: average now (the last step of training)."""
+        if not (force or step % self.every == 0):
+            return
+        alpha = 1 - (1 - self.alpha) * min(1.0, step / self.total_steps) ** 3
+        for t, s in zip(self._tensors(model), self.slow):
+            s.lerp_(t, alpha)
+            t.copy_(s)
+
+    def state_dict(self) -> dict:
+        return {"slow": [s.clone() for s in self.slow]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for s, saved in zip(self.slow, state["slow"]):
+            s.copy_(saved)

@@ -191,23 +191,24 @@ class TrainingMonitor:
         self.median_ratios = []  # the median log10 update/weight ratio of each measurement
         self.dead_warned = set()  # layers already reported as mostly dead
 
-    def _due(self, step: int) -> bool:
+    def measures(self, step: int) -> bool:
+        """Whether `step` is a measured one (update ratios, gradient norms, activations)."""
         return self.every > 0 and step % self.every == 0
 
     def before_forward(self, step: int) -> None:
-        if self._due(step):
+        if self.measures(step):
             self.activations.attach()
 
     def before_step(self, step: int) -> None:
         """After backward(), before optimizer.step()."""
-        if self._due(step):
+        if self.measures(step):
             self.ratios.before_step()
         if self.histogram_every > 0 and step % self.histogram_every == 0:
             self.logger.histograms(self.model, step)
 
     def after_step(self, step: int, lr: float | None = None) -> None:
         """After optimizer.step(); `lr`: the learning rate of that step (for the lr watch)."""
-        if not self._due(step):
+        if not self.measures(step):
             return
         values = {**self.ratios.after_step(), **self.activations.collect()}
         if "update_ratio/median" in values:

@@ -1,9 +1,36 @@
-"""In-memory batching: uint8 images stay on the training device; each batch is
-indexed, converted to float, augmented and preprocessed with tensor ops."""
+"""In-memory batching: uint8 images stay on the training device (or, when they do not fit there, in
+the host's pinned memory, each batch copied ahead on a side stream); each batch is indexed, converted
+to float, augmented and preprocessed with tensor ops on the training device."""
+import logging
+
 import torch
+
+from cvtrain import UserError
 
 from cvtrain.data.preprocess import Preprocessor
 from cvtrain.data.sources import Split
+
+
+log = logging.getLogger("cvtrain")
+
+PLACEMENTS = ("auto", "device", "host")
+DEVICE_SHARE = 0.5  # placement=auto: on the GPU when the images take at most this share of its free memory
+
+
+def resolve_placement(placement: str, nbytes: int, device: torch.device) -> str:
+    """data.placement for images of `nbytes` on `device`: "device" or "host" (always "device" on the CPU)."""
+    if placement not in PLACEMENTS:
+        raise UserError(f"data.placement={placement} is unknown; choose one of {', '.join(PLACEMENTS)}")
+    if device is None or device.type != "cuda":
+        if placement == "host":
+            log.info("note: data.placement=host is the same as device on the CPU")
+        return "device"
+    if placement == "auto":
+        free, _ = torch.cuda.mem_get_info(device)
+        placement = "device" if nbytes <= DEVICE_SHARE * free else "host"
+        log.info("data.placement=auto: %.2f GB of images %s (%.1f GB free on %s)", nbytes / 1e9,
+                 "on the GPU" if placement == "device" else "in pinned host memory", free / 1e9, device)
+    return placement
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -18,12 +45,18 @@ class InMemoryLoader:
     epoch_seed(seed, e), so any epoch can be replayed exactly, e.g. after a resume.
     Each float batch on [0, 1] goes through `preprocess` (a fitted Preprocessor, data.preprocess)
     after augmentation; without one, it is standardized with the per-channel `mean` and `std`.
+    placement (data.placement, resolve_placement): "device" keeps the uint8 images on `device`; "host"
+    keeps them in pinned host memory and copies each batch to `device` one batch ahead, on a side CUDA
+    stream, into the loop's stream without a host synchronisation.
     """
 
     def __init__(self, split: Split, batch_size: int, mean: torch.Tensor = None, std: torch.Tensor = None,
                  device: torch.device = None, shuffle: bool = False, augment=None, seed: int = 0,
-                 drop_last: bool = False, preprocess: Preprocessor = None):
-        self.images = split.images.to(device)
+                 drop_last: bool = False, preprocess: Preprocessor = None, placement: str = "device"):
+        device = torch.device("cpu") if device is None else torch.device(device)
+        self.device = device
+        self.on_host = resolve_placement(placement, split.images.numel(), device) == "host"
+        self.images = split.images.pin_memory() if self.on_host else split.images.to(device)
         self.labels = split.labels.to(device)
         self.batch_size, self.shuffle, self.augment, self.seed = batch_size, shuffle, augment, seed
         # drop a ragged last batch only when there is a full one (batch norm needs > 1 sample)
@@ -43,11 +76,41 @@ class InMemoryLoader:
     def __iter__(self):
         gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         n = len(self.labels)
-        order = torch.randperm(n, generator=gen).to(self.images.device) if self.shuffle else None
-        for i in range(len(self)):
-            sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
-            idx = order[sl] if order is not None else sl
-            x = self.images[idx].float().div_(255)
+        order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
+        order_on_device = order.to(self.device)  # one copy per epoch
+        spans = [slice(i * self.batch_size, (i + 1) * self.batch_size) for i in range(len(self))]
+        images = self._copied_ahead(order, spans) if self.on_host else (self.images[order_on_device[s]] for s in spans)
+        for span, x in zip(spans, images):
+            x = x.float().div_(255)
             if self.augment:
                 x = self.augment(x, gen)
-            yield self.preprocess(x), self.labels[idx]
+            yield self.preprocess(x), self.labels[order_on_device[span]]
+
+    def _copied_ahead(self, order: torch.Tensor, spans: list):
+        """placement=host: the uint8 batches on the device, each gathered into one of two pinned buffers
+        and copied on a side stream while the loop works on the batch before."""
+        stream = torch.cuda.Stream(self.device)
+        buffers = [torch.empty((self.batch_size, *self.images.shape[1:]), dtype=self.images.dtype).pin_memory()
+                   for _ in range(2)]
+        copied = [None, None]  # each buffer's last copy (an event): the buffer is refilled only after it
+
+        def copy(i):
+            idx, k = order[spans[i]], i % 2
+            if copied[k] is not None:
+                copied[k].synchronize()  # long done: it is two batches old
+            buf = buffers[k][:len(idx)]
+            torch.index_select(self.images, 0, idx, out=buf)
+            with torch.cuda.stream(stream):
+                on_device = buf.to(self.device, non_blocking=True)
+                copied[k] = torch.cuda.Event()
+                copied[k].record(stream)
+            return on_device
+
+        ahead = copy(0) if spans else None
+        for i in range(len(spans)):
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(stream)
+            x = ahead
+            x.record_stream(current)  # its memory is not reused before the loop is done with it
+            ahead = copy(i + 1) if i + 1 < len(spans) else None
+            yield x

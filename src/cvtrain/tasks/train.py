@@ -16,8 +16,15 @@ SIGINT / SIGTERM set a stop flag (state.stop_signal, handlers installed at the e
 restored in train()'s finally) checked between steps: a checkpoint, summary.json "interrupted",
 the command that resumes, then Interrupted (exit status 130 / 143).
 
-Seams for what comes next, as plain code: wrap `state.model` (DDP) at the end of setup(); add an
-EMA copy after `training_step` in train_one_epoch().
+Speed (cvtrain/speed.py): setup() resolves trainer.precision / channels_last / compile into
+state.speed; state.net is what the loop calls (the compiled model, or the model itself) and
+state.model the module whose weights are checkpointed, monitored and visualized. A compiled model is
+warmed up (compiled) in setup(), timed as compile_time_s apart from the training time; the steps the
+monitors measure (activation hooks) run the model uncompiled. A model with `init_from_data` (a
+data-dependent init such as airbench's patch-whitening layer) gets the preprocessed training images
+before the first step. trainer.lookahead_every: loop.Lookahead after each step.
+
+Seam for what comes next, as plain code: wrap `state.net` (DDP) at the end of setup().
 """
 import logging
 import math
@@ -39,12 +46,13 @@ from cvtrain.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_
 from cvtrain.data import BatchAugment, InMemoryLoader, load_data
 from cvtrain.data.augment import BatchMix, mix_generator
 from cvtrain.device import resolve_device
-from cvtrain.loop import evaluate, training_step
+from cvtrain.loop import Lookahead, TTA, evaluate, training_step
 from cvtrain.losses import Regularizer, build_loss
 from cvtrain.models import build_model, model_kind
 from cvtrain.hparams import run_hparams
 from cvtrain.monitor import RunLogger, TrainingMonitor, write_summary
 from cvtrain.optim import build_optimizer, build_scheduler
+from cvtrain.speed import Speed, resolve_speed, warm_up
 from cvtrain.resume import command_line_keys, find_resume, resume_command, resumed_config
 from cvtrain.tasks import knn
 from cvtrain.tasks.sanity import require_sanity
@@ -66,6 +74,10 @@ class TrainState:
     scheduler: Any  # cvtrain.optim.Schedule
     train_loader: InMemoryLoader
     val_loader: InMemoryLoader
+    speed: Speed = None
+    net: Any = None  # what the loop calls: torch.compile(model) with trainer.compile, else model
+    lookahead: Any = None  # loop.Lookahead with trainer.lookahead_every > 0
+    compile_time_s: float = 0.0
     logger: RunLogger = None
     monitor: TrainingMonitor = None
     epoch: int = 0  # completed epochs
@@ -107,24 +119,43 @@ def setup(cfg, run_dir: Path) -> TrainState:
                         f"set trainer.epochs above that to train on")
     if cfg.trainer.epochs < 1:
         raise UserError(f"trainer.epochs={cfg.trainer.epochs}: train for at least 1 epoch")
+    if cfg.trainer.tta not in TTA:
+        raise UserError(f"trainer.tta={cfg.trainer.tta} is unknown; choose one of {', '.join(TTA)}")
+    if cfg.trainer.lookahead_every < 0 or not 0 < cfg.trainer.lookahead_alpha <= 1:
+        raise UserError(f"trainer.lookahead_every={cfg.trainer.lookahead_every} must be >= 0 (0: off) and "
+                        f"trainer.lookahead_alpha={cfg.trainer.lookahead_alpha} in (0, 1]")
+    speed = resolve_speed(cfg.trainer, device)  # checks the speed options before any data is loaded
     torch.manual_seed(cfg.trainer.seed)
     augment = BatchAugment(cfg.aug)  # checks the aug values before any data is loaded
     data = load_data(cfg.data, device, need_test=cfg.trainer.test)  # data.preprocess is fitted on train
     if cfg.trainer.sanity:
         require_sanity(cfg, data, device)  # initial loss, regularization, overfit a tiny subset
     model = build_model(cfg.model, data.shape, data.num_classes).to(device)
+    if hasattr(model, "init_from_data") and not resume:
+        model.init_from_data(_init_images(data, device))
     optimizer = build_optimizer(cfg.optim, model)
     train_loader = InMemoryLoader(data.train, cfg.data.batch_size, device=device, shuffle=True,
                                   preprocess=data.preprocess,  # applied after augmentation
-                                  augment=augment, seed=cfg.trainer.seed, drop_last=True)
+                                  augment=augment, seed=cfg.trainer.seed, drop_last=True,
+                                  placement=cfg.data.placement)
     state = TrainState(
         cfg=cfg, run_dir=run_dir, device=device, data=data, model=model, loss_fn=build_loss(cfg.loss),
         regularizer=Regularizer(cfg.reg, model), optimizer=optimizer,
         scheduler=build_scheduler(cfg.sched, optimizer, cfg.trainer.epochs, len(train_loader)),
         train_loader=train_loader,
-        val_loader=InMemoryLoader(data.val, cfg.data.eval_batch_size, device=device, preprocess=data.preprocess))
+        val_loader=InMemoryLoader(data.val, cfg.data.eval_batch_size, device=device, preprocess=data.preprocess,
+                                  placement=cfg.data.placement),
+        speed=speed, net=speed.prepare(model))
+    if cfg.trainer.lookahead_every > 0:
+        state.lookahead = Lookahead(model, cfg.trainer.lookahead_every, cfg.trainer.lookahead_alpha,
+                                    cfg.trainer.epochs * len(train_loader))
     if resume:
         _restore(state, resume)
+    if speed.compile:
+        state.compile_time_s = warm_up(state.net, model, speed, state.loss_fn, next(iter(train_loader)),
+                                       next(iter(state.val_loader))[0])
+        log.info("torch.compile (mode %s): %.1f s, not counted in the training time", speed.compile_mode,
+                 state.compile_time_s)
     state.logger = RunLogger(run_dir, run_hparams(cfg))
     state.monitor = TrainingMonitor(model, cfg.trainer, state.logger)
     log.info("%s: %d parameters | data %s %s, %d train / %d val images | device %s | run dir %s",
@@ -153,7 +184,9 @@ def fit(state: TrainState) -> None:
         state.monitor.end_epoch(state.step)  # histograms of the weights and the last step's gradients
         state.train_time += epoch_time
         state.train_images += len(state.train_loader) * cfg.data.batch_size  # drop_last: full batches only
-        val_loss, state.val_acc = evaluate(state.model, state.val_loader, state.loss_fn)
+        if state.lookahead and state.epoch + 1 == cfg.trainer.epochs:
+            state.lookahead.after_step(state.model, state.step, force=True)  # training ends on the slow weights
+        val_loss, state.val_acc = evaluate(state.net, state.val_loader, state.loss_fn, state.speed, cfg.trainer.tta)
         state.scheduler.step_epoch(val_loss, state.val_acc)  # epoch-interval schedules and sched=plateau
         state.epoch = epoch + 1
 
@@ -204,9 +237,13 @@ def train_one_epoch(state: TrainState, desc: str):
                     pending.flush(state.logger, state.monitor, state.step)
                 return None
             lr = state.optimizer.param_groups[0]["lr"]
-            out = training_step(model, x, y, state.loss_fn, state.optimizer, state.regularizer,
+            # a measured step runs uncompiled: the activation monitor's hooks see every layer
+            net = model if state.monitor.measures(state.step) else state.net
+            out = training_step(net, x, y, state.loss_fn, state.optimizer, state.regularizer,
                                 mix=(lambda x, y: mix(x, y, mix_gen)) if mix else None,
-                                monitor=state.monitor, step=state.step)
+                                monitor=state.monitor, step=state.step, speed=state.speed)
+            if state.lookahead:
+                state.lookahead.after_step(model, state.step + 1)
             state.scheduler.step_batch()
             pending.add(out, lr)
             total_loss += out.loss * len(out.labels)
@@ -278,6 +315,8 @@ def checkpoint_state(state: TrainState) -> dict:
             "epoch_totals": None if not state.batch else
             {"loss": state.totals[0].detach().clone(), "correct": state.totals[1].detach().clone(), "seen": state.totals[2]},
             "mix_rng": state.mix_gen.get_state() if state.batch and state.mix_gen is not None else None,
+            "scaler": state.speed.scaler.state_dict() if state.speed.scaler else None,  # precision=16
+            "lookahead": state.lookahead.state_dict() if state.lookahead else None,
             "config": OmegaConf.to_container(state.cfg, resolve=True),
             "data": {"mean": data.mean, "std": data.std, "preprocess": data.preprocess.state_dict(),
                      "classes": list(data.classes), "shape": list(data.shape)}}
@@ -291,12 +330,14 @@ def finish(state: TrainState) -> dict:
                "final_val_acc": state.val_acc, "epochs": state.epoch,
                "train_time_s": round(time.perf_counter() - state.started, 3),
                "train_images_per_s": round(state.train_images / max(state.train_time, 1e-9), 1),
-               "params": state.params, "device": str(state.device), **state.monitor.summary()}
+               "params": state.params, "device": str(state.device), "precision": _precision(state.speed),
+               **({"compile_time_s": round(state.compile_time_s, 3)} if state.speed.compile else {}),
+               **state.monitor.summary()}
     weights = _load_best(state) if cfg.trainer.test or cfg.trainer.viz else "final"
     if cfg.trainer.test:
         loader = InMemoryLoader(state.data.test, cfg.data.eval_batch_size, device=state.device,
-                                preprocess=state.data.preprocess)
-        test_loss, summary["test_acc"] = evaluate(state.model, loader, state.loss_fn)
+                                preprocess=state.data.preprocess, placement=cfg.data.placement)
+        test_loss, summary["test_acc"] = evaluate(state.net, loader, state.loss_fn, state.speed, cfg.trainer.tta)
         log.info("test (%s model): loss %.4f acc %.2f%% on %d images", weights, test_loss,
                  100 * summary["test_acc"], len(state.data.test))
     if cfg.trainer.viz:
@@ -406,6 +447,10 @@ def _restore(state: TrainState, saved: dict) -> None:
     # its optim.lr, and a longer trainer.epochs stretches it
     state.scheduler.load_state_dict(saved["scheduler"])
     set_rng_state(saved["rng"])
+    if state.speed.scaler is not None and saved.get("scaler"):
+        state.speed.scaler.load_state_dict(saved["scaler"])
+    if state.lookahead is not None and saved.get("lookahead"):
+        state.lookahead.load_state_dict(saved["lookahead"])
     state.epoch, state.step = saved["epoch"], saved["step"]
     state.best_val_acc, state.best_epoch = saved["best_val_acc"], saved["best_epoch"]
     state.batch = saved.get("batch", 0)  # a mid-epoch checkpoint: continue at that batch of the epoch
@@ -421,6 +466,17 @@ def _restore(state: TrainState, saved: dict) -> None:
     _carry_best_checkpoint(Path(cfg.trainer.resume), state.run_dir)
     log.info("resumed from %s at epoch %d%s (step %d)", cfg.trainer.resume, state.epoch,
              f", batch {state.batch}" if state.batch else "", state.step)
+
+
+def _init_images(data, device, count: int = 5000) -> torch.Tensor:
+    """The first `count` training images, preprocessed as the loop feeds them: what a model's
+    data-dependent init (init_from_data) sees."""
+    return data.preprocess.to(device)(data.train.images[:count].to(device).float().div_(255))
+
+
+def _precision(speed: Speed) -> str:
+    """The precision the run really used (trainer.precision, after the device's notes)."""
+    return {None: "32", torch.bfloat16: "bf16", torch.float16: "16"}[speed.amp_dtype]
 
 
 def _carry_best_checkpoint(resume_path: Path, run_dir: Path) -> None:
