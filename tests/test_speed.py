@@ -12,6 +12,7 @@ from cvtrain import UserError
 from cvtrain.checkpoint import load_checkpoint
 from cvtrain.data import InMemoryLoader, Split
 from cvtrain.loop import Lookahead, evaluate, tta_views
+from cvtrain.monitor import Deferred
 from cvtrain.speed import resolve_speed
 from cvtrain.tasks.train import train
 
@@ -165,3 +166,20 @@ def test_compile_on_cuda_trains(compose_config, tmp_path):
     summary = _train(compose_config, tmp_path, "trainer.compile=true", "trainer.device=cuda",
                      "trainer.precision=bf16", "trainer.channels_last=true", "trainer.epochs=1")
     assert summary["compile_time_s"] > 0 and summary["best_val_acc"] > 0.3
+
+
+def test_deferred_values_on_the_cpu_are_ready_at_once():
+    deferred = Deferred()
+    deferred.put(torch.tensor([1.0, 2.0]), "a")
+    assert list(deferred.take(keep=1)) == [([1.0, 2.0], "a")]  # nothing to wait for on the CPU
+    assert list(deferred.take()) == []
+
+
+@cuda
+def test_deferred_values_on_cuda_arrive_a_round_later_without_a_wait():
+    deferred = Deferred()
+    deferred.put(torch.tensor([1.0], device="cuda"), "first")
+    assert list(deferred.take(keep=1)) == []  # the newest round stays on its way
+    deferred.put(torch.tensor([2.0], device="cuda"), "second")
+    assert list(deferred.take(keep=1)) == [([1.0], "first")]
+    assert list(deferred.take(keep=0)) == [([2.0], "second")]

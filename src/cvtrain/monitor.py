@@ -29,6 +29,40 @@ def upper_median(values):
     return ordered[len(ordered) // 2] if ordered else None
 
 
+class Deferred:
+    """Values computed on the device, read on the host a round later, so the training loop never
+    waits for the GPU: put() starts a non-blocking copy into pinned host memory; take(keep=1) returns
+    the rounds before the newest one (their copies long done), take(keep=0) all of them (it waits).
+    Values on the CPU are ready at once: take() returns them whatever `keep` says."""
+
+    def __init__(self):
+        self.queue = []  # (host tensor, copy-done event or None, payload)
+
+    def put(self, values: torch.Tensor, payload) -> None:
+        if values.is_cuda:
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            host, done = values, None
+        self.queue.append((host, done, payload))
+
+    def take(self, keep: int = 1):
+        """(values as a list, payload) of the rounds that are ready, oldest first."""
+        while self.queue and (self.queue[0][1] is None or len(self.queue) > keep):
+            host, done, payload = self.queue.pop(0)
+            if done is not None:
+                done.synchronize()
+            yield host.tolist(), payload
+
+
+def with_median(values: dict) -> dict:
+    """`values` with update_ratio/median added when it holds update ratios."""
+    median = median_update_ratio(values)
+    return values if median is None else {**values, "update_ratio/median": median}
+
+
 def median_update_ratio(values: dict):
     """The median of the per-tensor log10 update/weight ratios among `values`, or None when there are none."""
     return upper_median(v for k, v in values.items()
@@ -52,17 +86,21 @@ class UpdateRatioMonitor:
                             for _, p in self.params]
 
     @torch.no_grad()
-    def after_step(self) -> dict:
+    def measure(self) -> tuple[list, torch.Tensor]:
+        """After optimizer.step(): (tags, values on the device) of the log10 ratios and the gradient norms."""
+        if not self.params:
+            self._before = None
+            return [], torch.zeros(0)
         ratios = torch.stack([(p - b).norm() / b.norm().clamp_min(1e-30)
                               for (_, p), b in zip(self.params, self._before)])
-        log_ratios = ratios.clamp_min(1e-30).log10().tolist()
-        grad_norms = torch.stack(self._grad_norms).tolist()
         self._before = None
-        values = {f"update_ratio/{name}": r for (name, _), r in zip(self.params, log_ratios)}
-        if log_ratios:
-            values["update_ratio/median"] = median_update_ratio(values)
-        values.update({f"grad_norm/{name}": g for (name, _), g in zip(self.params, grad_norms)})
-        return values
+        tags = [f"update_ratio/{name}" for name, _ in self.params] + [f"grad_norm/{name}" for name, _ in self.params]
+        return tags, torch.cat([ratios.clamp_min(1e-30).log10(), torch.stack(self._grad_norms).float()])
+
+    def after_step(self) -> dict:
+        """measure(), read on the host (one sync), with the median log10 ratio."""
+        tags, values = self.measure()
+        return with_median(dict(zip(tags, values.tolist())))
 
 
 class ActivationMonitor:
@@ -98,16 +136,20 @@ class ActivationMonitor:
             self._stats[name] = stats
         return hook
 
-    def collect(self) -> dict:
-        """Remove the hooks; {"act/<layer>/<stat>": value} of the forward pass since attach()."""
+    def measure(self) -> tuple[list, torch.Tensor]:
+        """Remove the hooks; (tags "act/<layer>/<stat>", values on the device) of the forward pass since attach()."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
         names = [(f"act/{layer}/{stat}", v) for layer, stats in self._stats.items() for stat, v in stats.items()]
         if not names:
-            return {}
-        values = torch.stack([v for _, v in names]).tolist()  # one host sync
-        return {tag: value for (tag, _), value in zip(names, values)}
+            return [], torch.zeros(0)
+        return [tag for tag, _ in names], torch.stack([v.float() for _, v in names])
+
+    def collect(self) -> dict:
+        """measure(), read on the host: {"act/<layer>/<stat>": value}."""
+        tags, values = self.measure()
+        return dict(zip(tags, values.tolist()))
 
 
 class LearningRateWatch:
@@ -189,6 +231,7 @@ class TrainingMonitor:
         self.lr_watch = LearningRateWatch()
         self.loss_guard = LossGuard(trainer_cfg.explode_factor)
         self.median_ratios = []  # the median log10 update/weight ratio of each measurement
+        self.measured = Deferred()  # measurements on their way to the host (written a measurement later on CUDA)
         self.dead_warned = set()  # layers already reported as mostly dead
 
     def measures(self, step: int) -> bool:
@@ -207,10 +250,22 @@ class TrainingMonitor:
             self.logger.histograms(self.model, step)
 
     def after_step(self, step: int, lr: float | None = None) -> None:
-        """After optimizer.step(); `lr`: the learning rate of that step (for the lr watch)."""
+        """After optimizer.step(); `lr`: the learning rate of that step (for the lr watch). The values stay
+        on the device until the next measurement (on the CPU: written now)."""
         if not self.measures(step):
             return
-        values = {**self.ratios.after_step(), **self.activations.collect()}
+        (ratio_tags, ratios), (act_tags, acts) = self.ratios.measure(), self.activations.measure()
+        parts = [v for v in (ratios, acts) if len(v)]  # each on the model's device
+        self.measured.put(torch.cat(parts) if parts else torch.zeros(0), (ratio_tags + act_tags, step, lr))
+        self.write_measured(keep=1)
+
+    def write_measured(self, keep: int = 0) -> None:
+        """Write the measurements that reached the host (keep=0: all of them) to TensorBoard, with the
+        lr watch and the dead-layer warnings."""
+        for values, (tags, step, lr) in self.measured.take(keep):
+            self._write(with_median(dict(zip(tags, values))), step, lr)
+
+    def _write(self, values: dict, step: int, lr: float | None) -> None:
         if "update_ratio/median" in values:
             self.median_ratios.append(values["update_ratio/median"])
         self.logger.scalars(values, step)
@@ -226,7 +281,9 @@ class TrainingMonitor:
                             100 * value, layer, step)
 
     def end_epoch(self, step: int) -> None:
-        """After the last step of an epoch: histograms (unless trainer.histogram_every=0)."""
+        """After the last step of an epoch: the measurements still on their way, and histograms (unless
+        trainer.histogram_every=0)."""
+        self.write_measured()
         if self.histogram_every > 0:
             self.logger.histograms(self.model, step)
 
@@ -236,6 +293,7 @@ class TrainingMonitor:
     def summary(self) -> dict:
         """For summary.json: the median over the run of the per-measurement median log10
         update/weight ratio (healthy: about -3), or nothing when none was measured."""
+        self.write_measured()
         median = upper_median(self.median_ratios)
         return {} if median is None else {"update_ratio_log10": round(median, 3)}
 

@@ -50,7 +50,7 @@ from cvtrain.loop import Lookahead, TTA, evaluate, training_step
 from cvtrain.losses import Regularizer, build_loss
 from cvtrain.models import build_model, model_kind
 from cvtrain.hparams import run_hparams
-from cvtrain.monitor import RunLogger, TrainingMonitor, write_summary
+from cvtrain.monitor import Deferred, RunLogger, TrainingMonitor, write_summary
 from cvtrain.optim import build_optimizer, build_scheduler
 from cvtrain.speed import Speed, resolve_speed, warm_up
 from cvtrain.resume import command_line_keys, find_resume, resume_command, resumed_config
@@ -233,8 +233,7 @@ def train_one_epoch(state: TrainState, desc: str):
               unit="batch") as bar:
         for i, (x, y) in enumerate(batches, start=state.batch):
             if state.stop_signal is not None:  # between steps: the position and totals so far are in state
-                if len(pending):
-                    pending.flush(state.logger, state.monitor, state.step)
+                pending.flush(state.logger, state.monitor, state.step, final=True)
                 return None
             lr = state.optimizer.param_groups[0]["lr"]
             # a measured step runs uncompiled: the activation monitor's hooks see every layer
@@ -252,9 +251,9 @@ def train_one_epoch(state: TrainState, desc: str):
             state.step += 1
             state.batch, state.totals = i + 1, (total_loss, correct, seen)
             bar.update()
-            if len(pending) >= cfg.trainer.log_every or i == len(state.train_loader) - 1 or \
-                    (every > 0 and state.step % every == 0):
-                bar.set_postfix(loss=f"{pending.flush(state.logger, state.monitor, state.step):.4f}")
+            final = i == len(state.train_loader) - 1 or (every > 0 and state.step % every == 0)
+            if len(pending) >= cfg.trainer.log_every or final:
+                bar.set_postfix(loss=f"{pending.flush(state.logger, state.monitor, state.step, final):.4f}")
             if every > 0 and state.step % every == 0:
                 save_step_checkpoint(state)
     if state.stop_signal is not None and state.batch < len(state.train_loader):  # not reached: the loop checks
@@ -273,11 +272,18 @@ def save_step_checkpoint(state: TrainState) -> None:
 
 
 class Pending:
-    """Per-step values (losses, lr) held on the device between flushes to TensorBoard."""
+    """Per-step values (losses, lr) held on the device between flushes to TensorBoard. A flush starts
+    their copy to the host and writes the previous flush's values (monitor.Deferred: on CUDA the loop
+    never waits for the GPU; the loss guard then sees a loss up to 2 x trainer.log_every steps late);
+    flush(final=True), at the end of an epoch, before a checkpoint and on a stop, writes everything."""
+
+    TENSORS = ("train/loss", "train/data_loss", "train/reg_loss")
 
     def __init__(self, first_step: int, with_reg: bool):
         self.first, self.with_reg = first_step, with_reg
-        self.values = {"train/loss": [], "train/data_loss": [], "train/reg_loss": [], "opt/lr": [], "opt/lr_log10": []}
+        self.values = {tag: [] for tag in (*self.TENSORS, "opt/lr", "opt/lr_log10")}
+        self.on_the_way = Deferred()
+        self.last_loss = math.nan
 
     def __len__(self) -> int:
         return len(self.values["opt/lr"])
@@ -290,18 +296,22 @@ class Pending:
         self.values["opt/lr"].append(lr)
         self.values["opt/lr_log10"].append(math.log10(lr) if lr > 0 else None)  # comparable across optimizers
 
-    def flush(self, logger: RunLogger, monitor: TrainingMonitor, next_step: int) -> float:
-        """Write everything since the last flush (one host sync); the loss guard checks the losses
-        first (TrainingDiverged). Returns the last loss."""
-        losses = torch.stack(self.values["train/loss"]).tolist()
-        monitor.check_losses(losses, self.first)
-        for tag, values in self.values.items():
-            if values:
-                logger.series(tag, losses if tag == "train/loss" else
-                              values if tag.startswith("opt/") else torch.stack(values).tolist(), self.first)
+    def flush(self, logger: RunLogger, monitor: TrainingMonitor, next_step: int, final: bool = False) -> float:
+        """Send the values since the last flush on their way, write those that arrived (the loss guard
+        checks their losses first: TrainingDiverged). Returns the last loss written."""
+        if len(self):
+            tags = [tag for tag in self.TENSORS if self.values[tag]]
+            stacked = torch.stack([torch.stack(self.values[tag]).float() for tag in tags])
+            floats = {tag: values for tag, values in self.values.items() if tag.startswith("opt/")}
+            self.on_the_way.put(stacked, (tags, floats, self.first))
         self.first = next_step
         self.values = {tag: [] for tag in self.values}
-        return losses[-1]
+        for rows, (tags, floats, first) in self.on_the_way.take(keep=0 if final else 1):
+            monitor.check_losses(rows[0], first)
+            for tag, values in [*zip(tags, rows), *floats.items()]:
+                logger.series(tag, values, first)
+            self.last_loss = rows[0][-1]
+        return self.last_loss
 
 
 def checkpoint_state(state: TrainState) -> dict:
