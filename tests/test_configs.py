@@ -174,7 +174,7 @@ def test_scheduler_builds(compose_config, group, option):
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     scheduler = build_scheduler(cfg.sched, optimizer, epochs=3, steps_per_epoch=4)
     assert isinstance(scheduler, Schedule)
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * cfg.sched.get("start", 1.0))  # triangle: start
     for _ in range(4):
         optimizer.step()
         scheduler.step_batch()

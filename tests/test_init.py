@@ -195,7 +195,7 @@ def test_build_model_takes_a_dictconfig_or_a_dict(compose_config):
 
 
 def test_build_model_errors_name_the_choices():
-    with pytest.raises(UserError, match="registered models: alexnet"):
+    with pytest.raises(UserError, match="registered models: airbench, alexnet"):
         build_model({"name": "lenet6"}, (1, 28, 28), 10)
     with pytest.raises(UserError, match="model.name is missing"):
         build_model({"init": "native"}, (1, 28, 28), 10)
@@ -212,7 +212,7 @@ def test_knn_is_a_fitted_model_built_without_init(compose_config):
     assert isinstance(knn, KNNClassifier) and (knn.k, knn.cv_folds, knn.distance) == (3, 5, "l2")
     with pytest.raises(UserError, match=r"no option\(s\) \['init'\]"):
         build_model({"name": "knn", "init": "native"}, (1, 28, 28), 10)
-    with pytest.raises(UserError, match="registered models: alexnet"):
+    with pytest.raises(UserError, match="registered models: airbench, alexnet"):
         model_kind("knn2")
 
 

@@ -286,3 +286,18 @@ def test_state_of_a_lambda_lr_checkpoint_continues_at_its_step(compose_config):
                                "lr_lambdas": [None]})
     rest = drive(optimizer, scheduler, TOTAL, start=2 * STEPS)
     assert rest == pytest.approx(trace(compose_config, ["sched=cosine"])[2 * STEPS:])
+
+
+def test_triangle_rises_from_start_to_the_peak_then_falls_to_end(compose_config):
+    used = trace(compose_config, ["sched=triangle", "sched.start=0.2", "sched.peak_at=0.25", "sched.end=0.1"])
+    peak = round(0.25 * TOTAL)
+    assert used[0] == pytest.approx(0.2 * LR)
+    assert max(used) == pytest.approx(LR) and used.index(max(used)) == peak
+    assert used[peak // 2] == pytest.approx(LR * (0.2 + 0.8 * (peak // 2) / peak))
+    assert all(a >= b for a, b in zip(used[peak:], used[peak + 1:]))  # straight down after the peak
+    assert used[-1] == pytest.approx(LR * (1 - 0.9 * (TOTAL - 1 - peak) / (TOTAL - peak)))
+
+
+def test_triangle_checks_its_values(compose_config):
+    with pytest.raises(UserError, match="sched.peak_at=1.5"):
+        build(compose_config, ["sched=triangle", "sched.peak_at=1.5"])

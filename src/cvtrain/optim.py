@@ -1,9 +1,10 @@
 """Optimizers and learning-rate schedules built from the `optim` and `sched` groups.
 
 An `optim` config names a torch.optim class in OPTIMIZERS (`name: adam`); its other keys are
-that class's arguments, plus one key of ours, `decay_norm_and_bias`, that build_optimizer
-takes itself: false puts biases and normalization parameters in a param group without
-weight decay.
+that class's arguments, plus keys of ours (OWN_KEYS) that build_optimizer takes itself:
+`decay_norm_and_bias` (false puts biases and normalization parameters in a param group without
+weight decay) and `norm_and_bias_lr_scale` (default 1.0: off; airbench's bias_scaler 64 gives
+those parameters their own param group at 64x the lr; see param_groups).
 
 A `sched` config names one of the schedule factories below in SCHEDULES (`name: cosine`);
 its other keys are that factory's arguments. Each returns a `Schedule`, which
@@ -18,10 +19,12 @@ lr changes only at epoch boundaries). warmup(u) = (u + 1) / W for the first W un
 (`warmup_epochs` of them), then 1; the decay starts at optim.lr when the warmup ends, on its
 own clock: `t` is the time in epochs since then, fractional with `interval: step` (steps /
 steps per epoch), whole with `interval: epoch`, so decay rates are per epoch whatever the
-interval. The lr is a closed form of two counters (steps, epochs) and the plateau's
-bookkeeping; that is all `state_dict()` holds, so a resumed run follows its own optim.lr
-and trainer.epochs.
+interval. Every param group gets the same multiplier of its own initial lr, so the lr ratio of
+the groups (optim.norm_and_bias_lr_scale) holds all along. The lr is a closed form of two
+counters (steps, epochs) and the plateau's bookkeeping; that is all `state_dict()` holds, so a
+resumed run follows its own optim.lr and trainer.epochs.
 """
+import inspect
 import math
 from typing import Callable
 
@@ -39,25 +42,48 @@ NORM_LAYERS = (torch.nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNor
                torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.RMSNorm, torch.nn.LocalResponseNorm)
 
 
-def param_groups(model: torch.nn.Module, decay_norm_and_bias: bool) -> list:
-    """The trainable parameters as optimizer param groups.
+OWN_KEYS = ("decay_norm_and_bias", "norm_and_bias_lr_scale")  # optim keys build_optimizer takes itself
 
-    One group when `decay_norm_and_bias` (torch's default: weight decay on everything);
-    otherwise a first group of the weights that get weight decay and a second one with
-    weight_decay 0 for biases, every other 1-D parameter (PReLU slopes, ...) and all
-    parameters of normalization layers.
+
+def param_groups(model: torch.nn.Module, decay_norm_and_bias: bool, norm_and_bias_lr_scale: float = 1.0,
+                 lr: float | None = None, weight_decay: float = 0.0) -> list:
+    """The trainable parameters (requires_grad: a frozen one is in no group) as optimizer param groups.
+
+    "Norm and bias" parameters: biases, every other 1-D parameter (PReLU slopes, ...) and all
+    parameters of normalization layers; the rest are "weights". With norm_and_bias_lr_scale 1:
+    one group when `decay_norm_and_bias` (torch's default: weight decay on everything); otherwise
+    a first group of the weights and a second one of the norm and bias parameters with
+    weight_decay 0.
+
+    With another norm_and_bias_lr_scale s (airbench's bias_scaler: 64), the norm and bias parameters
+    form a last group with lr s * `lr` and weight_decay `weight_decay` / s (0 unless
+    decay_norm_and_bias): s times the step, the same decay per step lr * weight_decay as the weights
+    (exactly so for SGD's L2 and AdamW's decoupled decay; Adam/RMSprop/Adagrad rescale the L2 term
+    with the gradient). The groups then are: weights; the norm and bias parameters that keep the base
+    lr, if any (weight_decay 0 unless decay_norm_and_bias); the scaled group. A module whose attribute
+    `keep_base_lr` is true keeps its parameters out of the scale (airbench's whitening conv: airbench
+    scales the BatchNorm biases only). `lr` and `weight_decay` are the optimizer's (needed when s != 1).
     """
-    decay, no_decay, seen = [], [], set()
+    scaled = norm_and_bias_lr_scale != 1
+    if scaled and lr is None:
+        raise ValueError("param_groups: norm_and_bias_lr_scale != 1 needs the base lr")
+    decay, no_decay, boosted, seen = [], [], [], set()
     for module in model.modules():
         for param in module.parameters(recurse=False):
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
             exempt = param.ndim <= 1 or isinstance(module, NORM_LAYERS)
-            (no_decay if exempt and not decay_norm_and_bias else decay).append(param)
+            if exempt and scaled and not getattr(module, "keep_base_lr", False):
+                boosted.append(param)
+            else:
+                (no_decay if exempt and not decay_norm_and_bias else decay).append(param)
     groups = [{"params": decay}] if decay else []
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
+    if boosted:
+        groups.append({"params": boosted, "lr": lr * norm_and_bias_lr_scale,
+                       "weight_decay": weight_decay / norm_and_bias_lr_scale if decay_norm_and_bias else 0.0})
     return groups
 
 
@@ -65,16 +91,31 @@ OPTIMIZERS = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "rmsprop":
               "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 
+def _default(cls, key: str, options: dict):
+    """options[key], else the default of `cls`'s argument `key`."""
+    if key in options:
+        return options[key]
+    param = inspect.signature(cls).parameters.get(key)
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+
 def build_optimizer(optim_cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """OPTIMIZERS[optim.name](param_groups(model, optim.decay_norm_and_bias), **the other optim keys)."""
+    """OPTIMIZERS[optim.name](param_groups(model, optim.decay_norm_and_bias, optim.norm_and_bias_lr_scale, ...),
+    **the other optim keys). norm_and_bias_lr_scale may be absent (1.0: configs from before it existed)."""
     name, cls, options = named_choice("optim", optim_cfg, OPTIMIZERS)
     if "decay_norm_and_bias" not in options:
         raise UserError(f"optim={name} needs optim.decay_norm_and_bias (true: weight decay on every parameter)")
     decay_norm_and_bias = options.pop("decay_norm_and_bias")
-    check_arguments("optim", name, cls, options, passed=("params",), own=("decay_norm_and_bias",))
+    scale = options.pop("norm_and_bias_lr_scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
+        raise UserError(f"optim.norm_and_bias_lr_scale={scale!r}: the lr factor of the biases and normalization "
+                        "parameters must be a positive number (1.0: off; airbench uses 64)")
+    check_arguments("optim", name, cls, options, passed=("params",), own=OWN_KEYS)
     check_types("optim", name, options, cls)
     check_optim(name, options)
-    return cls(param_groups(model, decay_norm_and_bias), **options)
+    groups = param_groups(model, decay_norm_and_bias, float(scale), lr=_default(cls, "lr", options),
+                          weight_decay=_default(cls, "weight_decay", options) or 0.0)
+    return cls(groups, **options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,6 +268,22 @@ def multistep_schedule(optimizer, epochs: int, steps_per_epoch: int, milestones:
                     warmup_epochs, interval)
 
 
+def triangle_schedule(optimizer, epochs: int, steps_per_epoch: int, start: float, peak_at: float, end: float,
+                      warmup_epochs: float, interval: str) -> Schedule:
+    """Straight lines from `start` up to 1 at the fraction `peak_at` of the run after the warmup, then down
+    to `end` at its last step (airbench's schedule: 0.2 -> 1 at 23% -> 0.07, no warmup)."""
+    if not (0 < peak_at < 1 and start >= 0 and end >= 0):
+        raise UserError(f"sched.peak_at={peak_at} must be in (0, 1), sched.start={start} and sched.end={end} >= 0")
+    length = epochs - warmup_epochs
+    peak = peak_at * length
+
+    def triangle(t):
+        if t < peak:
+            return start + (1 - start) * t / peak
+        return 1 + (end - 1) * min(1.0, (t - peak) / (length - peak))
+    return Schedule(optimizer, triangle, steps_per_epoch, warmup_epochs, interval)
+
+
 def exponential_schedule(optimizer, epochs: int, steps_per_epoch: int, k: float, warmup_epochs: float,
                          interval: str) -> Schedule:
     """exp(-k t)"""
@@ -261,4 +318,4 @@ def plateau_schedule(optimizer, epochs: int, steps_per_epoch: int, monitor: str,
 
 SCHEDULES = {"constant": constant_schedule, "step": step_schedule, "multistep": multistep_schedule,
              "exponential": exponential_schedule, "inverse_time": inverse_time_schedule,
-             "cosine": cosine_schedule, "plateau": plateau_schedule}
+             "cosine": cosine_schedule, "plateau": plateau_schedule, "triangle": triangle_schedule}

@@ -15,7 +15,7 @@ from cvtrain.config import check_arguments, named_choice
 from cvtrain.device import resolve_device
 from cvtrain.losses import LOSSES
 from cvtrain.models.registry import check_model_options, model_builder, model_kind
-from cvtrain.optim import OPTIMIZERS, SCHEDULES
+from cvtrain.optim import OPTIMIZERS, OWN_KEYS, SCHEDULES
 
 
 def _options(node) -> dict:
@@ -42,8 +42,9 @@ def check_config(cfg) -> None:
         check_data(cfg.data)
     if config_value(cfg, "optim") is not None:
         name, cls, options = named_choice("optim", cfg.optim, OPTIMIZERS)
-        options.pop("decay_norm_and_bias", None)
-        check_arguments("optim", name, cls, options, passed=("params",), own=("decay_norm_and_bias",))
+        for key in OWN_KEYS:  # decay_norm_and_bias, norm_and_bias_lr_scale: build_optimizer checks them
+            options.pop(key, None)
+        check_arguments("optim", name, cls, options, passed=("params",), own=OWN_KEYS)
         check_types("optim", name, options, cls)
         check_optim(name, options)
     if config_value(cfg, "sched") is not None:

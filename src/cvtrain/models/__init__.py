@@ -7,6 +7,7 @@
 """
 from cvtrain.models import (alexnet, densenet, googlenet, knn, lenet, linear, mlp, nin,  # noqa: F401  (registration)
                             resnet, vgg)
+from cvtrain.models import speedrun  # noqa: F401  (registration: airbench)
 from cvtrain.models.build import build_model
 from cvtrain.models.init import final_layer, init_weights
 from cvtrain.models.registry import create_model, list_models, model_kind, register_model

@@ -139,9 +139,11 @@ def run(cfg, run_dir: Path, emit=print) -> float:
 
     stream = batches()
 
+    scales = [group["lr"] / optimizer.param_groups[0]["lr"] for group in optimizer.param_groups]
+
     def train_step(lr: float) -> float:
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        for group, scale in zip(optimizer.param_groups, scales):  # optim.norm_and_bias_lr_scale: kept
+            group["lr"] = lr * scale
         return training_step(model, *next(stream), loss_fn, optimizer, regularizer).loss.item()
 
     result = range_test(train_step, lrs)
