@@ -58,7 +58,8 @@ class AugConfig:
     """Batched augmentation (src/cvtrain/data/augment.py); every default is off (aug=none)."""
     hflip: bool = False  # random horizontal flip (p = 1/2)
     vflip: bool = False  # random vertical flip (p = 1/2)
-    crop_padding: int = 0  # random crop of the original size after zero padding
+    crop_padding: int = 0  # random crop of the original size after padding by this many pixels
+    crop_padding_mode: str = "zeros"  # zeros | reflect (mirror the border: airbench's "translate")
     resized_crop: bool = False  # random resized crop: a window of the area/aspect below, scaled to full size
     resized_crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # [min, max] area fraction
     resized_crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])  # [min, max] width/height

@@ -9,7 +9,8 @@ by image) would use torchvision.transforms.v2 instead, with the same aug fields.
 
 BatchAugment runs on pixels in [0, 1] before preprocessing, in this order:
 
-    crop_padding                zero-pad and cut a random window (exact integer shifts)
+    crop_padding                pad (crop_padding_mode: zeros, or reflect: mirrored border) and cut
+                                a random window (exact integer shifts)
     resized_crop, rotation_degrees, translate, shear_degrees, stretch
                                 one affine warp: per-sample matrices, one F.affine_grid +
                                 F.grid_sample (bilinear, 0 outside the image)
@@ -52,33 +53,95 @@ def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Ten
     return low + (high - low) * torch.rand(n, generator=gen)
 
 
+def _on(x: torch.Tensor, values: torch.Tensor, dtype=None) -> torch.Tensor:
+    """CPU draws on x's device (and `dtype`), copied without blocking: on CUDA the loop does not wait
+    for the GPU to finish its queued work (a blocking copy would synchronise with it every batch)."""
+    return values.to(x.device, dtype or values.dtype, non_blocking=True)
+
+
 def _per_sample(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """(B,) CPU values -> (B, 1, 1, 1) on x's device and dtype."""
-    return values.to(x.device, x.dtype).view(-1, 1, 1, 1)
+    return _on(x, values, x.dtype).view(-1, 1, 1, 1)
 
 
 # --- geometry --------------------------------------------------------------------------
 
+CROP_PADDING_MODES = ("zeros", "reflect")
+
+
+def _coins(n: int, gen: torch.Generator) -> torch.Tensor:
+    """(n,) bool CPU draws, each True with probability 1/2 (which images a flip mirrors)."""
+    return torch.rand(n, generator=gen) < 0.5
+
+
+def _crop_offsets(n: int, padding: int, gen: torch.Generator) -> torch.Tensor:
+    """(2, n) CPU draws: each image's window corner (dy, dx) in its padded copy, uniform in [0, 2 * padding]."""
+    return torch.randint(0, 2 * padding + 1, (2, n), generator=gen)
+
+
+def _flip_some(x: torch.Tensor, flip: torch.Tensor, dim: int) -> torch.Tensor:
+    """x with the images where `flip` (a (B,) bool CPU tensor) is True mirrored along `dim`: only
+    those are flipped, the others are copied as they are (a new tensor; x is left alone)."""
+    chosen = _on(x, flip.nonzero().squeeze(1))
+    return x.index_copy(0, chosen, x.index_select(0, chosen).flip(dim))
+
+
 def random_hflip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    flip = (torch.rand(len(x), generator=gen) < 0.5).to(x.device)
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
+    return _flip_some(x, _coins(len(x), gen), 3)
 
 
 def random_vflip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    flip = (torch.rand(len(x), generator=gen) < 0.5).to(x.device)
-    return torch.where(flip[:, None, None, None], x.flip(2), x)
+    return _flip_some(x, _coins(len(x), gen), 2)
 
 
-def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tensor:
-    """Zero-pad by `padding` and cut a random window of the original size from each image."""
+def _crop(x: torch.Tensor, padding: int, mode: str, offsets: torch.Tensor, flip: torch.Tensor = None) -> torch.Tensor:
+    """Window `offsets` (dy, dx per image, (2, B) on the CPU) of each image padded by `padding`
+    (mode zeros or reflect), mirrored left-right where `flip` ((B,) bool on the CPU) is True.
+
+    One gather of whole rows, with no per-image work: the padded images (and, after them, mirrors
+    of the padded images to flip) lie in one buffer, a strided view of it holds every run of w
+    consecutive values as a row, and index_select picks each output row (image, channel, line) by
+    the flat position of its first value. A mirrored window of a padded image is the window at the
+    mirrored column of its mirror, so crop + flip is the same single gather."""
     b, c, h, w = x.shape
-    padded = F.pad(x, (padding,) * 4)
-    dy, dx = (torch.randint(0, 2 * padding + 1, (2, b), generator=gen)).to(x.device)
-    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # B,1,H,1
-    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # B,1,1,W
-    batch = torch.arange(b, device=x.device)[:, None, None, None]
-    chan = torch.arange(c, device=x.device)[None, :, None, None]
-    return padded[batch, chan, rows, cols]
+    if x.numel() == 0:
+        return x.clone()
+    p = padding
+    hp, wp = h + 2 * p, w + 2 * p
+    chosen = flip.nonzero().squeeze(1) if flip is not None else torch.zeros(0, dtype=torch.long)
+    nf = len(chosen)
+    chosen_dev = _on(x, chosen)
+    if mode == "zeros":
+        buf = x.new_zeros(b + nf, c, hp, wp)
+        buf[:b, :, p:p + h, p:p + w] = x
+        if nf:
+            buf[b:, :, p:p + h, p:p + w] = x.index_select(0, chosen_dev).flip(3)
+    else:  # reflect
+        if p >= h or p >= w:
+            raise UserError(f"aug.crop_padding={p} with aug.crop_padding_mode={mode} must be smaller than "
+                            f"the image's height and width ({h}x{w})")
+        padded = F.pad(x, (p,) * 4, mode=mode).contiguous()  # contiguous: a channels-last input stays flat
+        buf = torch.cat([padded, padded.index_select(0, chosen_dev).flip(3)]) if nf else padded
+    dy, dx = offsets
+    slot = torch.arange(b)  # where each image's source lies in buf: itself, or its mirror
+    col = dx.clone()
+    if nf:
+        slot[chosen] = torch.arange(b, b + nf)
+        col[chosen] = 2 * p - dx[chosen]
+    first = _on(x, slot * (c * hp * wp) + dy * wp + col)  # B: the window's first value
+    lines = (torch.arange(c, device=x.device)[:, None] * (hp * wp)
+             + torch.arange(h, device=x.device)[None, :] * wp).flatten()  # C*H: each line's offset in an image
+    flat = buf.view(-1)
+    runs = flat.as_strided((flat.numel() - w + 1, w), (1, 1))  # row k: flat[k:k + w]
+    return runs.index_select(0, (first[:, None] + lines).flatten()).view(b, c, h, w)
+
+
+def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator, mode: str = "zeros") -> torch.Tensor:
+    """Pad by `padding` (mode "zeros", or "reflect": mirror the border pixels) and cut a random window
+    of the original size from each image (corner uniform in [0, 2 * padding] on each axis)."""
+    if mode not in CROP_PADDING_MODES:
+        raise UserError(f"aug.crop_padding_mode={mode} must be one of: {', '.join(CROP_PADDING_MODES)}")
+    return _crop(x, padding, mode, _crop_offsets(len(x), padding, gen))
 
 
 def random_affine(x: torch.Tensor, gen: torch.Generator, degrees: float = 0.0, translate: float = 0.0,
@@ -117,7 +180,7 @@ def random_affine(x: torch.Tensor, gen: torch.Generator, degrees: float = 0.0, t
         crop = torch.zeros(b, 3, 3)
         crop[:, 0, 0], crop[:, 0, 2], crop[:, 1, 1], crop[:, 1, 2], crop[:, 2, 2] = fw, cx, fh, cy, 1
         theta = crop @ theta
-    grid = F.affine_grid(theta[:, :2].to(x.device, x.dtype), list(x.shape), align_corners=False)
+    grid = F.affine_grid(_on(x, theta[:, :2], x.dtype), list(x.shape), align_corners=False)
     # Points inside the image but past its outer pixel centers (a half-pixel rim) take the edge pixels
     # (padding "zeros" would blend them with black: a dark rim on every crop touching the border);
     # points outside the image are 0.
@@ -164,7 +227,7 @@ def color_jitter(x: torch.Tensor, gen: torch.Generator, brightness: float = 0.0,
         rot = torch.zeros(b, 3, 3)
         rot[:, 0, 0], rot[:, 1, 1], rot[:, 2, 2] = 1, angle.cos(), angle.cos()
         rot[:, 1, 2], rot[:, 2, 1] = -angle.sin(), angle.sin()
-        matrix = (torch.linalg.inv(_YIQ) @ rot @ _YIQ).to(x.device, x.dtype)  # B, 3, 3
+        matrix = _on(x, torch.linalg.inv(_YIQ) @ rot @ _YIQ, x.dtype)  # B, 3, 3
         x = torch.einsum("bij,bjhw->bihw", matrix, x).clamp(0, 1)
     return x
 
@@ -209,7 +272,7 @@ def pca_color(x: torch.Tensor, gen: torch.Generator, std: float, eig=None) -> to
     if x.shape[1] != 3:
         return x
     eigval, eigvec = eig if eig is not None else rgb_pca(x)
-    shift = (alpha.to(x.device) * eigval.to(x.device)) @ eigvec.to(x.device).T  # B, 3
+    shift = (_on(x, alpha) * eigval.to(x.device)) @ eigvec.to(x.device).T  # B, 3
     return (x + shift.to(x.dtype)[:, :, None, None]).clamp(0, 1)
 
 
@@ -228,7 +291,7 @@ def random_erasing(x: torch.Tensor, gen: torch.Generator, p: float, scale, ratio
     ew = (area / aspect).sqrt().round().clamp(1, w)
     top = (torch.rand(b, generator=gen) * (h - eh + 1)).floor()
     left = (torch.rand(b, generator=gen) * (w - ew + 1)).floor()
-    box = torch.stack([top, top + eh, left, left + ew, chosen.float()], 1).to(x.device)  # one transfer
+    box = _on(x, torch.stack([top, top + eh, left, left + ew, chosen.float()], 1))  # one transfer
     rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
     in_rows = (rows >= box[:, 0:1]) & (rows < box[:, 1:2])  # B, H
     in_cols = (cols >= box[:, 2:3]) & (cols < box[:, 3:4])  # B, W
@@ -249,7 +312,7 @@ def mixup(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, alpha: float):
     """Mixup (Zhang et al. 2018): x_i <- lam x_i + (1 - lam) x_perm(i), lam ~ Beta(alpha, alpha)
     for the batch, perm a random permutation. Returns (x, y, y[perm], lam)."""
     lam = _beta(alpha, gen)
-    perm = torch.randperm(len(x), generator=gen).to(x.device)
+    perm = _on(x, torch.randperm(len(x), generator=gen))
     return lam * x + (1 - lam) * x[perm], y, y[perm], lam
 
 
@@ -259,7 +322,7 @@ def cutmix(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, alpha: float)
     fraction of each image left unpasted. Returns (x, y, y[perm], lam)."""
     b, _, h, w = x.shape
     lam = _beta(alpha, gen)
-    perm = torch.randperm(b, generator=gen).to(x.device)
+    perm = _on(x, torch.randperm(b, generator=gen))
     cut_h, cut_w = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
     cy, cx = int(torch.randint(0, h, (1,), generator=gen)), int(torch.randint(0, w, (1,), generator=gen))
     y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
@@ -317,6 +380,8 @@ def _check(aug_cfg) -> None:
 
     if aug_cfg.crop_padding < 0:
         bad("crop_padding", "must be >= 0")
+    if getattr(aug_cfg, "crop_padding_mode", "zeros") not in CROP_PADDING_MODES:
+        bad("crop_padding_mode", f"must be one of: {', '.join(CROP_PADDING_MODES)} (how the crop pads the image)")
     for key in ("brightness", "contrast", "saturation", "rotation_degrees", "shear_degrees", "pca_color_std",
                 "mixup_alpha", "cutmix_alpha"):
         if value(key) < 0:
@@ -344,6 +409,7 @@ class BatchAugment:
     def __init__(self, aug_cfg):
         _check(aug_cfg)
         self.cfg = aug_cfg
+        self.crop_mode = getattr(aug_cfg, "crop_padding_mode", "zeros")
         self.affine = aug_cfg.resized_crop or aug_cfg.rotation_degrees > 0 or aug_cfg.translate > 0 or \
             aug_cfg.shear_degrees > 0 or list(aug_cfg.stretch) != [1, 1]
         self.jitter = any(getattr(aug_cfg, k) > 0 for k in ("brightness", "contrast", "saturation", "hue"))
@@ -356,12 +422,17 @@ class BatchAugment:
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         c = self.cfg
+        hflip_done = False
         if c.crop_padding > 0:
-            x = random_crop(x, c.crop_padding, gen)
+            offsets = _crop_offsets(len(x), c.crop_padding, gen)
+            # with no warp in between, the flip joins the crop's gather (the same draws, in the same order)
+            flip = _coins(len(x), gen) if c.hflip and not self.affine else None
+            x = _crop(x, c.crop_padding, self.crop_mode, offsets, flip)
+            hflip_done = flip is not None
         if self.affine:
             x = random_affine(x, gen, c.rotation_degrees, c.translate, c.shear_degrees, tuple(c.stretch),
                               tuple(c.resized_crop_scale) if c.resized_crop else None, tuple(c.resized_crop_ratio))
-        if c.hflip:
+        if c.hflip and not hflip_done:
             x = random_hflip(x, gen)
         if c.vflip:
             x = random_vflip(x, gen)
