@@ -132,7 +132,7 @@ def test_the_logger_is_closed_on_every_exit_path(compose_config, tmp_path, monke
     loggers = []
     monkeypatch.setattr(RunLogger, "__init__", _recording(RunLogger.__init__, loggers))
 
-    def failing_evaluate(*args):
+    def failing_evaluate(*args, **kwargs):
         raise error
 
     monkeypatch.setattr(train, "evaluate", failing_evaluate)

@@ -12,6 +12,13 @@ of how many trials failed and the exit status is 1.
 Run dirs never collide: the default ones are claimed with an atomic os.mkdir (${unique_dir:...} in
 configs/config.yaml: <time>_<name>, <time>_<name>-2, ...), and a run dir holding a completed run is
 written into only by a resume (trainer.resume).
+
+Several processes (torchrun --nproc_per_node=N -m cvtrain ..., cvtrain/distributed.py): main() joins
+the process group before Hydra starts. Rank 0 runs Hydra as a single process does and, as soon as the
+task function runs in the run dir Hydra made, sends that dir to the others; they wait for it in main(),
+then start Hydra pointed at it (hydra.run.dir) with Hydra writing nothing there for them (no .hydra/,
+no log file; their errors go to stderr marked with their rank). So there is exactly one run dir. A
+sweep (-m) under torchrun is an error before any work; so is any task but train.
 """
 import os
 import signal
@@ -38,7 +45,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from cvtrain import ChecksFailed, Interrupted, TrainingDiverged, UserError  # noqa: E402
+from cvtrain import ChecksFailed, Interrupted, TrainingDiverged, UserError, distributed  # noqa: E402
 from cvtrain.config import register_configs  # noqa: E402
 from cvtrain.models import model_kind  # noqa: E402
 from cvtrain.monitor import write_summary  # noqa: E402
@@ -103,6 +110,7 @@ OmegaConf.register_new_resolver("run_name", run_name)
 OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True)
 
 TRIALS: list = []  # a sweep's trials in this process: (run dir, status, reason)
+SHARED: list = []  # rank 0 of several processes: the run dir once sent to the others
 
 
 @hydra.main(version_base="1.3", config_path="pkg://cvtrain.configs", config_name="config")
@@ -111,7 +119,10 @@ def hydra_main(cfg: DictConfig):
     accuracy; lr_find: the suggested lr; the other tasks: None)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+    _share_run_dir(run_dir)
     try:
+        if distributed.world_size() > 1 and cfg.task.name != "train":
+            raise UserError(f"task={cfg.task.name} runs in one process; start it without torchrun")
         check_config(cfg)  # bad values, unknown keys, keys the chosen options ignore: before any work
         objective = TASKS[cfg.task.name](cfg, run_dir)
     except UserError as err:
@@ -151,6 +162,51 @@ def _failed(run_dir: Path, reason: str):
     return None
 
 
+def _share_run_dir(run_dir: Path) -> None:
+    """Several processes: rank 0 sends the run dir Hydra just made to the others (waiting in main()); they
+    log only their errors, to stderr, marked with their rank (Hydra configures no log for them)."""
+    if distributed.world_size() == 1:
+        return
+    if distributed.is_main():
+        if not SHARED:
+            distributed.broadcast_object(str(run_dir))
+            SHARED.append(run_dir)
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"[rank {distributed.rank()}] %(message)s"))
+    log.disabled = False
+    log.setLevel(logging.ERROR)
+    log.addHandler(handler)
+
+
+FOLLOWER_OVERRIDES = ("hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled")
+
+
+def _follow(argv: list, run_dir: str) -> list:
+    """The command line of a process other than rank 0: `argv` run in rank 0's run dir, Hydra writing
+    nothing there (its own settings of those keys replaced)."""
+    keys = ("hydra.run.dir=", "hydra.output_subdir=", "hydra/job_logging=", "hydra/hydra_logging=")
+    kept = [a for a in argv if not a.lstrip("+~").startswith(keys)]
+    quoted = run_dir.replace("'", "\\'")  # Hydra's quoted value: any character but an unescaped quote
+    return [*kept, f"hydra.run.dir='{quoted}'", *FOLLOWER_OVERRIDES]
+
+
+def _join_processes(argv: list) -> distributed.World:
+    """Join the process group of torchrun's (or SLURM's) processes; a single process joins nothing. A sweep
+    (-m) under torchrun is an error (exit status 2) before any work: each trial would be a run of all of them."""
+    try:
+        world = distributed.from_env()
+        if world.size > 1 and any(a in ("-m", "--multirun") or a.startswith("hydra.mode=MULTIRUN") for a in argv):
+            if world.rank == 0:  # one line, not one per process
+                print("error: a sweep (-m / --multirun) cannot run under torchrun: run the sweep without torchrun, "
+                      "or start one torchrun per setting", file=sys.stderr)
+            sys.exit(2)
+        return distributed.init()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
 def _refuse_completed_run_dir(argv: list) -> None:
     """hydra.run.dir=<a dir with a completed run> without trainer.resume: an error before Hydra writes there."""
     given = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("hydra.run.dir=")]
@@ -182,20 +238,39 @@ def _refuse_unwritable_output(argv: list) -> None:
 
 
 def main():
-    """The command line (python -m cvtrain, the cvtrain script): Hydra's main, then a sweep's verdict."""
+    """The command line (python -m cvtrain, the cvtrain script): Hydra's main, then a sweep's verdict.
+    Under torchrun, each process: rank 0 as above, the others in rank 0's run dir (module doc)."""
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, Ctrl-C is KeyboardInterrupt
-    _refuse_unwritable_output(sys.argv[1:])
-    _refuse_completed_run_dir(sys.argv[1:])
+    world = _join_processes(sys.argv[1:])
     try:
+        if world.rank > 0:
+            run_dir = distributed.broadcast_object(None)  # rank 0's, once Hydra made it
+            if run_dir is None:  # rank 0 ran no task (--help, --cfg, bad input): it says why
+                sys.exit(0)
+            sys.argv = [sys.argv[0], *_follow(sys.argv[1:], run_dir)]
+        else:
+            _refuse_unwritable_output(sys.argv[1:])
+            _refuse_completed_run_dir(sys.argv[1:])
         hydra_main()
     except KeyboardInterrupt:  # a Ctrl-C outside the training loop's handler (setup, a non-train task)
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if world.size > 1 and world.rank == 0 and not SHARED:  # no run dir made: the others may stop
+            _release_others()
     failed = [(run_dir, reason) for run_dir, status, reason in TRIALS if status != "completed"]
     if failed:
         lines = "".join(f"\n  {run_dir}: {reason.splitlines()[0] if reason else ''}" for run_dir, reason in failed)
         print(f"sweep: {len(failed)} of {len(TRIALS)} trials failed:{lines}", file=sys.stderr)
         sys.exit(1)
+
+
+def _release_others() -> None:
+    """Rank 0 leaves before any run dir was made: tell the others waiting for one (they exit quietly)."""
+    try:
+        distributed.broadcast_object(None)
+    except Exception:  # noqa: BLE001  the others are gone already (a Ctrl-C reached them too)
+        pass
 
 
 if __name__ == "__main__":

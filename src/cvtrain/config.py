@@ -120,6 +120,8 @@ class TrainerConfig:
     tta: str = "none"  # test-time augmentation of validation/test: none | flip | flip_translate
     lookahead_every: int = 0  # Lookahead weight averaging every k optimizer steps (0: off)
     lookahead_alpha: float = 0.5  # the slow weights' step toward the fast ones at the end (from 1.0 at the start)
+    # several processes (torchrun, src/cvtrain/distributed.py)
+    sync_bn: bool = False  # batch norm statistics over the global batch (SyncBatchNorm; CUDA only, ignored on the CPU)
 
 
 @dataclass

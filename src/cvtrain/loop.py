@@ -17,6 +17,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
+from cvtrain.distributed import all_reduce_sum
+
 
 @dataclass
 class Step:
@@ -94,9 +96,15 @@ def tta_views(x: torch.Tensor, tta: str) -> list[tuple[float, torch.Tensor]]:
     return views
 
 
-def evaluate(model: nn.Module, loader, loss_fn: Callable, speed=None, tta: str = "none") -> tuple[float, float]:
+def evaluate(model: nn.Module, loader, loss_fn: Callable, speed=None, tta: str = "none",
+             across_ranks: bool = False) -> tuple[float, float]:
     """(mean loss, accuracy) of `model` in eval mode over the whole loader, under torch.inference_mode
-    and `speed`'s precision and layout; `tta`: see tta_views (the scores of the views averaged)."""
+    and `speed`'s precision and layout; `tta`: see tta_views (the scores of the views averaged).
+
+    across_ranks: the loader holds this process's part of the split (several processes): the loss
+    sum, the correct count and the image count of every process are added up (one all_reduce), so
+    every process returns the figures of the whole split. Pass the plain model, not a DDP wrapper
+    (its forward may broadcast buffers: a collective that processes with fewer batches never join)."""
     model.eval()
     total_loss = torch.zeros((), device=loader.labels.device)
     correct = torch.zeros((), device=loader.labels.device, dtype=torch.long)
@@ -110,6 +118,10 @@ def evaluate(model: nn.Module, loader, loss_fn: Callable, speed=None, tta: str =
             total_loss += loss_fn(out, y) * len(y)
             correct += (out.argmax(1) == y).sum()
     n = len(loader.labels)
+    if across_ranks:
+        sums = all_reduce_sum(torch.stack([total_loss.double(), correct.double(),
+                                           torch.tensor(n, dtype=torch.float64, device=total_loss.device)]))
+        total_loss, correct, n = sums[0], sums[1], int(sums[2].item())
     return total_loss.item() / n, correct.item() / n
 
 

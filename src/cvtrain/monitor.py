@@ -221,11 +221,14 @@ class TrainingMonitor:
     statistics (TensorBoard), and the learning-rate watch (a warning in the log);
     every `histogram_every` steps and at the end of every epoch (`end_epoch`): weight and
     gradient histograms, so a short run shows how they moved. `check_losses`
-    stops a diverging run (LossGuard)."""
+    stops a diverging run (LossGuard). measure=False (the processes of a distributed run other
+    than rank 0): nothing is measured, only the loss guard watches."""
 
-    def __init__(self, model: nn.Module, trainer_cfg, logger: "RunLogger"):
+    def __init__(self, model: nn.Module, trainer_cfg, logger: "RunLogger", measure: bool = True):
         self.model, self.logger = model, logger
         self.every, self.histogram_every = trainer_cfg.monitor_every, trainer_cfg.histogram_every
+        if not measure:
+            self.every = self.histogram_every = 0
         self.ratios = UpdateRatioMonitor(model)
         self.activations = ActivationMonitor(model)
         self.lr_watch = LearningRateWatch()
@@ -301,6 +304,30 @@ class TrainingMonitor:
 def write_summary(run_dir: Path, summary: dict) -> None:
     """<run dir>/summary.json: the one place it is written (every task that trains or fits)."""
     Path(run_dir, "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+class NoLogger:
+    """RunLogger's stand-in in the processes of a distributed run other than rank 0: rank 0 writes
+    the run's files (TensorBoard, metrics.jsonl), the others write nothing."""
+    writer = None
+
+    def scalars(self, values: dict, step: int) -> None:
+        pass
+
+    def series(self, tag: str, values: list, first_step: int) -> None:
+        pass
+
+    def histograms(self, model: nn.Module, step: int) -> None:
+        pass
+
+    def epoch_record(self, record: dict) -> None:
+        pass
+
+    def summary(self, summary: dict, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class RunLogger:

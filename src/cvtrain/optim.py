@@ -3,8 +3,11 @@
 An `optim` config names a torch.optim class in OPTIMIZERS (`name: adam`); its other keys are
 that class's arguments, plus keys of ours (OWN_KEYS) that build_optimizer takes itself:
 `decay_norm_and_bias` (false puts biases and normalization parameters in a param group without
-weight decay) and `norm_and_bias_lr_scale` (default 1.0: off; airbench's bias_scaler 64 gives
-those parameters their own param group at 64x the lr; see param_groups).
+weight decay), `norm_and_bias_lr_scale` (default 1.0: off; airbench's bias_scaler 64 gives
+those parameters their own param group at 64x the lr; see param_groups) and `scale_lr`
+(none | linear: optim.lr times the number of processes, the linear scaling rule for the global
+batch of a distributed run; the caller passes the factor, lr_factor, so build_optimizer needs no
+knowledge of the processes).
 
 A `sched` config names one of the schedule factories below in SCHEDULES (`name: cosine`);
 its other keys are that factory's arguments. Each returns a `Schedule`, which
@@ -42,7 +45,24 @@ NORM_LAYERS = (torch.nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNor
                torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.RMSNorm, torch.nn.LocalResponseNorm)
 
 
-OWN_KEYS = ("decay_norm_and_bias", "norm_and_bias_lr_scale")  # optim keys build_optimizer takes itself
+OWN_KEYS = ("decay_norm_and_bias", "norm_and_bias_lr_scale", "scale_lr")  # optim keys build_optimizer takes itself
+SCALE_LR = ("none", "linear")
+
+
+def check_scale_lr(scale_lr) -> None:
+    """optim.scale_lr is none or linear (check_config and build_optimizer call it)."""
+    if scale_lr not in SCALE_LR:
+        raise UserError(f"optim.scale_lr={scale_lr}: choose none (optim.lr as given) or linear (optim.lr x the "
+                        "number of processes, for the global batch of a distributed run)")
+
+
+def lr_factor(optim_cfg, world_size: int) -> float:
+    """The factor of optim.lr that optim.scale_lr asks for in a run of `world_size` processes: linear
+    (Goyal et al. 2017: the lr grows with the global batch, data.batch_size x world_size) world_size;
+    none (or absent: configs from before it existed) 1."""
+    scale_lr = optim_cfg.get("scale_lr", "none")
+    check_scale_lr(scale_lr)
+    return float(world_size) if scale_lr == "linear" else 1.0
 
 
 def param_groups(model: torch.nn.Module, decay_norm_and_bias: bool, norm_and_bias_lr_scale: float = 1.0,
@@ -99,13 +119,15 @@ def _default(cls, key: str, options: dict):
     return None if param is None or param.default is inspect.Parameter.empty else param.default
 
 
-def build_optimizer(optim_cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(optim_cfg, model: torch.nn.Module, lr_factor: float = 1.0) -> torch.optim.Optimizer:
     """OPTIMIZERS[optim.name](param_groups(model, optim.decay_norm_and_bias, optim.norm_and_bias_lr_scale, ...),
-    **the other optim keys). norm_and_bias_lr_scale may be absent (1.0: configs from before it existed)."""
+    **the other optim keys), at lr_factor x optim.lr (see lr_factor: optim.scale_lr). norm_and_bias_lr_scale
+    and scale_lr may be absent (1.0, none: configs from before they existed)."""
     name, cls, options = named_choice("optim", optim_cfg, OPTIMIZERS)
     if "decay_norm_and_bias" not in options:
         raise UserError(f"optim={name} needs optim.decay_norm_and_bias (true: weight decay on every parameter)")
     decay_norm_and_bias = options.pop("decay_norm_and_bias")
+    check_scale_lr(options.pop("scale_lr", "none"))
     scale = options.pop("norm_and_bias_lr_scale", 1.0)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
         raise UserError(f"optim.norm_and_bias_lr_scale={scale!r}: the lr factor of the biases and normalization "
@@ -113,6 +135,8 @@ def build_optimizer(optim_cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     check_arguments("optim", name, cls, options, passed=("params",), own=OWN_KEYS)
     check_types("optim", name, options, cls)
     check_optim(name, options)
+    if lr_factor != 1:
+        options["lr"] = _default(cls, "lr", options) * lr_factor
     groups = param_groups(model, decay_norm_and_bias, float(scale), lr=_default(cls, "lr", options),
                           weight_decay=_default(cls, "weight_decay", options) or 0.0)
     return cls(groups, **options)

@@ -15,7 +15,7 @@ from cvtrain.config import check_arguments, named_choice
 from cvtrain.device import resolve_device
 from cvtrain.losses import LOSSES
 from cvtrain.models.registry import check_model_options, model_builder, model_kind
-from cvtrain.optim import OPTIMIZERS, OWN_KEYS, SCHEDULES
+from cvtrain.optim import OPTIMIZERS, OWN_KEYS, SCHEDULES, check_scale_lr
 
 
 def _options(node) -> dict:
@@ -42,7 +42,8 @@ def check_config(cfg) -> None:
         check_data(cfg.data)
     if config_value(cfg, "optim") is not None:
         name, cls, options = named_choice("optim", cfg.optim, OPTIMIZERS)
-        for key in OWN_KEYS:  # decay_norm_and_bias, norm_and_bias_lr_scale: build_optimizer checks them
+        check_scale_lr(options.get("scale_lr", "none"))
+        for key in OWN_KEYS:  # decay_norm_and_bias, norm_and_bias_lr_scale, scale_lr: build_optimizer checks them
             options.pop(key, None)
         check_arguments("optim", name, cls, options, passed=("params",), own=OWN_KEYS)
         check_types("optim", name, options, cls)

@@ -48,19 +48,33 @@ class InMemoryLoader:
     placement (data.placement, resolve_placement): "device" keeps the uint8 images on `device`; "host"
     keeps them in pinned host memory and copies each batch to `device` one batch ahead, on a side CUDA
     stream, into the loop's stream without a host synchronisation.
+
+    rank, world_size (several processes, cvtrain/distributed.py): each process iterates over its own
+    share of the split. Shuffled (training): every process draws the same permutation of the epoch and
+    takes every world_size-th image of it from position `rank` on, n // world_size images each (equal
+    shares: no process waits for another), so global batch k (batch k of every process) holds exactly
+    the images of a single process's batch k at batch_size x world_size. Rank 0 augments with the
+    epoch's generator as a single process does, the others each with a generator of their own. In
+    order (evaluation): a contiguous part of the split, sizes differing by at most one, together every
+    image once. The defaults 0 and 1 are a single process: the whole split, the same draws.
     """
 
     def __init__(self, split: Split, batch_size: int, mean: torch.Tensor = None, std: torch.Tensor = None,
                  device: torch.device = None, shuffle: bool = False, augment=None, seed: int = 0,
-                 drop_last: bool = False, preprocess: Preprocessor = None, placement: str = "device"):
+                 drop_last: bool = False, preprocess: Preprocessor = None, placement: str = "device",
+                 rank: int = 0, world_size: int = 1):
         device = torch.device("cpu") if device is None else torch.device(device)
         self.device = device
+        self.rank, self.world_size = rank, world_size
+        if world_size > 1 and not shuffle:  # evaluation: this process's contiguous part of the split
+            n = len(split.labels)
+            split = split.subset(torch.arange(n * rank // world_size, n * (rank + 1) // world_size))
         self.on_host = resolve_placement(placement, split.images.numel(), device) == "host"
         self.images = split.images.pin_memory() if self.on_host else split.images.to(device)
         self.labels = split.labels.to(device)
         self.batch_size, self.shuffle, self.augment, self.seed = batch_size, shuffle, augment, seed
         # drop a ragged last batch only when there is a full one (batch norm needs > 1 sample)
-        self.drop_last = drop_last and len(self.labels) >= batch_size
+        self.drop_last = drop_last and self.images_per_epoch >= batch_size
         if preprocess is None:
             preprocess = Preprocessor.standardize(mean, std)
         self.preprocess = preprocess.to(device)
@@ -69,14 +83,23 @@ class InMemoryLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def images_per_epoch(self) -> int:
+        """The images this process iterates over in an epoch (before dropping a ragged last batch)."""
+        return len(self.labels) // self.world_size if self.shuffle else len(self.labels)
+
     def __len__(self) -> int:
-        n = len(self.labels)
+        n = self.images_per_epoch
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self):
         gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         n = len(self.labels)
         order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
+        if self.shuffle and self.world_size > 1:  # this process's share of the epoch's permutation
+            order = order[self.rank:self.images_per_epoch * self.world_size:self.world_size]
+            if self.rank > 0:  # its own augmentation draws (rank 0 goes on with the epoch's generator)
+                gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch) * 1000 + self.rank)
         order_on_device = order.to(self.device)  # one copy per epoch
         spans = [slice(i * self.batch_size, (i + 1) * self.batch_size) for i in range(len(self))]
         images = self._copied_ahead(order, spans) if self.on_host else (self.images[order_on_device[s]] for s in spans)

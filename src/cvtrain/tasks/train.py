@@ -24,7 +24,26 @@ monitors measure (activation hooks) run the model uncompiled. A model with `init
 data-dependent init such as airbench's patch-whitening layer) gets the preprocessed training images
 before the first step. trainer.lookahead_every: loop.Lookahead after each step.
 
-Seam for what comes next, as plain code: wrap `state.net` (DDP) at the end of setup().
+Several processes (torchrun --nproc_per_node=N -m cvtrain ...; cvtrain/distributed.py: state.world):
+the model is wrapped in DistributedDataParallel, which averages the gradients of every step over the
+processes. state.net is what the training steps call (DDP(model), compiled with trainer.compile),
+state.wrapped the same uncompiled (the measured steps: DDP's all-reduce still runs, so the replicas
+stay equal), state.eval_net what evaluation calls: the plain model, uncompiled (a DDP forward may
+broadcast buffers, a collective a process with fewer evaluation batches would never join). Each
+process trains on its share of every epoch (data/loader.py: the same permutation, every N-th image),
+data.batch_size images per step, so the global batch is data.batch_size x N (optim.scale_lr=linear:
+optim.lr x N); it evaluates its contiguous part of the validation split, and the sums are added up
+(loop.evaluate), as are the epoch's training loss and accuracy. Only rank 0 writes: TensorBoard,
+metrics.jsonl, checkpoints, visualizations, summary.json, the test split; the others have a NoLogger
+and monitors that measure nothing. A stop is agreed on at every loss flush (_flush: one all_reduce of
+a [diverged, signal] flag), so every process raises TrainingDiverged, or stops with a checkpoint, at
+the same step. Checkpoints hold the plain model's weights and the world size: they resume in any
+number of processes. A mid-epoch checkpoint resumed with another number continues at the batch that
+covers the same number of images (saved batch x saved processes / processes, rounded down) on the
+same permutation of the epoch: the global batches from there on are cut differently (another global
+batch size), a few images of the epoch may be seen twice, the augmentation draws of ranks > 0 and
+the mixing draws are not those of the uninterrupted run, and the schedule continues at the same
+fraction of the epoch. trainer.sync_bn: SyncBatchNorm (CUDA).
 """
 import logging
 import math
@@ -39,19 +58,20 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf, open_dict
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from cvtrain import Interrupted, TrainingDiverged, UserError
+from cvtrain import Interrupted, TrainingDiverged, UserError, distributed
 from cvtrain.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from cvtrain.data import BatchAugment, InMemoryLoader, load_data
+from cvtrain.data import BatchAugment, InMemoryLoader, epoch_seed, load_data
 from cvtrain.data.augment import BatchMix, mix_generator
 from cvtrain.device import resolve_device
 from cvtrain.loop import Lookahead, TTA, evaluate, training_step
 from cvtrain.losses import Regularizer, build_loss
 from cvtrain.models import build_model, model_kind
 from cvtrain.hparams import run_hparams
-from cvtrain.monitor import Deferred, RunLogger, TrainingMonitor, write_summary
-from cvtrain.optim import build_optimizer, build_scheduler
+from cvtrain.monitor import Deferred, NoLogger, RunLogger, TrainingMonitor, write_summary
+from cvtrain.optim import build_optimizer, build_scheduler, lr_factor
 from cvtrain.speed import Speed, resolve_speed, warm_up
 from cvtrain.resume import command_line_keys, find_resume, resume_command, resumed_config
 from cvtrain.tasks import knn
@@ -75,7 +95,10 @@ class TrainState:
     train_loader: InMemoryLoader
     val_loader: InMemoryLoader
     speed: Speed = None
-    net: Any = None  # what the loop calls: torch.compile(model) with trainer.compile, else model
+    net: Any = None  # what the loop calls: torch.compile(model) with trainer.compile, else model (DDP: of DDP(model))
+    wrapped: Any = None  # the same uncompiled (the measured steps): model, or DDP(model) in several processes
+    eval_net: Any = None  # what evaluation calls: net in one process, the plain model in several
+    world: distributed.World = field(default_factory=distributed.World)  # this process's rank, the processes
     lookahead: Any = None  # loop.Lookahead with trainer.lookahead_every > 0
     compile_time_s: float = 0.0
     logger: RunLogger = None
@@ -93,6 +116,7 @@ class TrainState:
     totals: Any = None  # (loss sum, correct, seen) of those batches
     mix_gen: Any = None  # the mixup/cutmix generator of the epoch (aug.mixup/cutmix_alpha)
     stop_signal: Any = None  # SIGINT / SIGTERM received: stop after the current step
+    signal_received: Any = None  # several processes: a signal of this one; all stop at the next flush (_flush)
     handlers: dict = field(default_factory=dict)  # the signal handlers setup() replaced
 
     @property
@@ -109,9 +133,10 @@ def setup(cfg, run_dir: Path) -> TrainState:
         cfg = resumed_config(cfg, resume, command_line_keys())
         with open_dict(cfg):
             cfg.trainer.resume = str(resume_path)
-        if (run_dir / ".hydra" / "config.yaml").is_file():  # what this run really uses (the HPARAMS tab reads it)
+        if (run_dir / ".hydra" / "config.yaml").is_file() and distributed.is_main():  # what this run really uses
             OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml", resolve=True)
-    device = resolve_device(cfg.trainer.device)
+    world = distributed.current()
+    device = _process_device(resolve_device(cfg.trainer.device), world)
     # resume=auto after a crash between the last epoch's checkpoint and summary.json: only finish() is left
     finishing = auto and resume and resume["epoch"] == cfg.trainer.epochs
     if resume and resume["epoch"] >= cfg.trainer.epochs and not finishing:
@@ -127,39 +152,51 @@ def setup(cfg, run_dir: Path) -> TrainState:
     speed = resolve_speed(cfg.trainer, device)  # checks the speed options before any data is loaded
     torch.manual_seed(cfg.trainer.seed)
     augment = BatchAugment(cfg.aug)  # checks the aug values before any data is loaded
+    if world.rank > 0:  # rank 0 loads first: a download (data.download) or a cache file is written once
+        distributed.wait_for_rank_0()
     data = load_data(cfg.data, device, need_test=cfg.trainer.test)  # data.preprocess is fitted on train
+    if world.rank == 0:
+        distributed.wait_for_rank_0()
     if cfg.trainer.sanity:
         require_sanity(cfg, data, device)  # initial loss, regularization, overfit a tiny subset
     model = build_model(cfg.model, data.shape, data.num_classes).to(device)
     if hasattr(model, "init_from_data") and not resume:
         model.init_from_data(_init_images(data, device))
-    optimizer = build_optimizer(cfg.optim, model)
+    if cfg.trainer.sync_bn and world.size > 1:
+        if device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the same parameters and buffers
+        else:
+            log.info("note: trainer.sync_bn is ignored on the CPU (gloo has no SyncBatchNorm kernels); each process "
+                     "normalizes over its own batch")
+    optimizer = build_optimizer(cfg.optim, model, lr_factor(cfg.optim, world.size))  # optim.scale_lr
     train_loader = InMemoryLoader(data.train, cfg.data.batch_size, device=device, shuffle=True,
                                   preprocess=data.preprocess,  # applied after augmentation
                                   augment=augment, seed=cfg.trainer.seed, drop_last=True,
-                                  placement=cfg.data.placement)
+                                  placement=cfg.data.placement, rank=world.rank, world_size=world.size)
     state = TrainState(
         cfg=cfg, run_dir=run_dir, device=device, data=data, model=model, loss_fn=build_loss(cfg.loss),
         regularizer=Regularizer(cfg.reg, model), optimizer=optimizer,
         scheduler=build_scheduler(cfg.sched, optimizer, cfg.trainer.epochs, len(train_loader)),
         train_loader=train_loader,
         val_loader=InMemoryLoader(data.val, cfg.data.eval_batch_size, device=device, preprocess=data.preprocess,
-                                  placement=cfg.data.placement),
-        speed=speed, net=speed.prepare(model))
+                                  placement=cfg.data.placement, rank=world.rank, world_size=world.size),
+        speed=speed, net=speed.prepare(model), world=world)
     if cfg.trainer.lookahead_every > 0:
         state.lookahead = Lookahead(model, cfg.trainer.lookahead_every, cfg.trainer.lookahead_alpha,
                                     cfg.trainer.epochs * len(train_loader))
     if resume:
         _restore(state, resume)
+    _distribute(state)
     if speed.compile:
         state.compile_time_s = warm_up(state.net, model, speed, state.loss_fn, next(iter(train_loader)),
                                        next(iter(state.val_loader))[0])
         log.info("torch.compile (mode %s): %.1f s, not counted in the training time", speed.compile_mode,
                  state.compile_time_s)
-    state.logger = RunLogger(run_dir, run_hparams(cfg))
-    state.monitor = TrainingMonitor(model, cfg.trainer, state.logger)
-    log.info("%s: %d parameters | data %s %s, %d train / %d val images | device %s | run dir %s",
-             cfg.model.name, state.params, cfg.data.name, data.shape, len(data.train), len(data.val), device, run_dir)
+    state.logger = RunLogger(run_dir, run_hparams(cfg)) if world.rank == 0 else NoLogger()  # rank 0 writes
+    state.monitor = TrainingMonitor(model, cfg.trainer, state.logger, measure=world.rank == 0)
+    processes = f" | {world.size} processes, global batch {cfg.data.batch_size * world.size}" if world.size > 1 else ""
+    log.info("%s: %d parameters | data %s %s, %d train / %d val images | device %s%s | run dir %s", cfg.model.name,
+             state.params, cfg.data.name, data.shape, len(data.train), len(data.val), device, processes, run_dir)
     _install_stop_handlers(state)  # last: nothing after it raises, train()'s finally restores them
     return state
 
@@ -175,7 +212,9 @@ def fit(state: TrainState) -> None:
         t0 = time.perf_counter()
         done = train_one_epoch(state, desc=f"epoch {epoch + 1}/{cfg.trainer.epochs}")
         if done is None:  # SIGINT / SIGTERM: a checkpoint at this exact position, then stop
-            save_checkpoint(state.run_dir / "checkpoints" / "last.pt", checkpoint_state(state))
+            checkpoint = checkpoint_state(state)  # every process: a mid-epoch one adds up their totals
+            if state.world.rank == 0:
+                save_checkpoint(state.run_dir / "checkpoints" / "last.pt", checkpoint)
             raise Interrupted(state.stop_signal, f"stopped by {signal.Signals(state.stop_signal).name} at step "
                                                  f"{state.step} (epoch {state.epoch + 1}, batch {state.batch})")
         train_loss, train_acc = done
@@ -183,10 +222,14 @@ def fit(state: TrainState) -> None:
         epoch_time = time.perf_counter() - t0
         state.monitor.end_epoch(state.step)  # histograms of the weights and the last step's gradients
         state.train_time += epoch_time
-        state.train_images += len(state.train_loader) * cfg.data.batch_size  # drop_last: full batches only
+        state.train_images += len(state.train_loader) * cfg.data.batch_size * state.world.size  # full batches only
         if state.lookahead and state.epoch + 1 == cfg.trainer.epochs:
             state.lookahead.after_step(state.model, state.step, force=True)  # training ends on the slow weights
-        val_loss, state.val_acc = evaluate(state.net, state.val_loader, state.loss_fn, state.speed, cfg.trainer.tta)
+        # DDP broadcasts rank 0's buffers at each forward, then each process's batch norm updates its own:
+        # evaluate (and checkpoint) rank 0's everywhere
+        distributed.broadcast_(list(state.model.buffers()))
+        val_loss, state.val_acc = evaluate(state.eval_net, state.val_loader, state.loss_fn, state.speed,
+                                           cfg.trainer.tta, across_ranks=state.world.size > 1)
         state.scheduler.step_epoch(val_loss, state.val_acc)  # epoch-interval schedules and sched=plateau
         state.epoch = epoch + 1
 
@@ -202,7 +245,7 @@ def fit(state: TrainState) -> None:
         improved = state.val_acc > state.best_val_acc
         if improved:
             state.best_val_acc, state.best_epoch = state.val_acc, state.epoch
-        if cfg.trainer.checkpoint:
+        if cfg.trainer.checkpoint and state.world.rank == 0:  # at an epoch's end: no totals to add up
             checkpoint = checkpoint_state(state)
             save_checkpoint(state.run_dir / "checkpoints" / "last.pt", checkpoint)
             if improved:
@@ -213,7 +256,8 @@ def train_one_epoch(state: TrainState, desc: str):
     """One pass over the training data, from batch state.batch on (a mid-epoch resume): (mean loss,
     accuracy), or None when a stop signal came (state holds the position reached). The per-step losses
     and lr go to TensorBoard every trainer.log_every steps (one host sync each time), where the loss
-    guard also looks at them (TrainingDiverged). trainer.checkpoint_every_steps: step-<step>.pt."""
+    guard also looks at them (TrainingDiverged; several processes: _flush). trainer.checkpoint_every_steps:
+    step-<step>.pt. The mean loss and accuracy are over the epoch's images of every process."""
     cfg, model = state.cfg, state.model
     model.train()
     mix = BatchMix(cfg.aug)  # aug.mixup/cutmix_alpha
@@ -225,7 +269,7 @@ def train_one_epoch(state: TrainState, desc: str):
         state.totals = (torch.zeros((), device=state.device), torch.zeros((), device=state.device, dtype=torch.long), 0)
     total_loss, correct, seen = state.totals
     every = cfg.trainer.checkpoint_every_steps
-    show_bar = cfg.trainer.progress and sys.stderr.isatty()
+    show_bar = cfg.trainer.progress and sys.stderr.isatty() and state.world.rank == 0
     batches = iter(state.train_loader)
     for _ in range(state.batch):  # replay the loader's draws (order, augmentation) up to the resume point
         next(batches)
@@ -233,11 +277,11 @@ def train_one_epoch(state: TrainState, desc: str):
               unit="batch") as bar:
         for i, (x, y) in enumerate(batches, start=state.batch):
             if state.stop_signal is not None:  # between steps: the position and totals so far are in state
-                pending.flush(state.logger, state.monitor, state.step, final=True)
+                _flush(state, pending, final=True)
                 return None
             lr = state.optimizer.param_groups[0]["lr"]
-            # a measured step runs uncompiled: the activation monitor's hooks see every layer
-            net = model if state.monitor.measures(state.step) else state.net
+            # a measured step runs uncompiled (through DDP in several processes): the activation hooks see every layer
+            net = state.wrapped if state.monitor.measures(state.step) else state.net
             out = training_step(net, x, y, state.loss_fn, state.optimizer, state.regularizer,
                                 mix=(lambda x, y: mix(x, y, mix_gen)) if mix else None,
                                 monitor=state.monitor, step=state.step, speed=state.speed)
@@ -253,18 +297,56 @@ def train_one_epoch(state: TrainState, desc: str):
             bar.update()
             final = i == len(state.train_loader) - 1 or (every > 0 and state.step % every == 0)
             if len(pending) >= cfg.trainer.log_every or final:
-                bar.set_postfix(loss=f"{pending.flush(state.logger, state.monitor, state.step, final):.4f}")
+                bar.set_postfix(loss=f"{_flush(state, pending, final):.4f}")
             if every > 0 and state.step % every == 0:
                 save_step_checkpoint(state)
     if state.stop_signal is not None and state.batch < len(state.train_loader):  # not reached: the loop checks
         return None
+    total_loss, correct, seen = _all_totals(state)
     return total_loss.item() / seen, correct.item() / seen
 
 
+def _flush(state: TrainState, pending: "Pending", final: bool = False) -> float:
+    """pending.flush; with several processes, then one all_reduce (max) of a [diverged, signal] flag, so
+    every process stops at this same step: all raise TrainingDiverged when the loss guard of one did,
+    all stop (state.stop_signal) when one received SIGINT / SIGTERM. Returns the last loss written."""
+    if state.world.size == 1:
+        return pending.flush(state.logger, state.monitor, state.step, final)
+    diverged = None
+    try:
+        pending.flush(state.logger, state.monitor, state.step, final)
+    except TrainingDiverged as err:
+        diverged = err
+    flags = distributed.all_reduce_max(torch.tensor([float(diverged is not None), float(state.signal_received or 0)]))
+    if flags[0] and diverged is None:
+        diverged = TrainingDiverged(f"the loss diverged in another process by step {state.step}; lower optim.lr "
+                                    "and try again")
+    if diverged is not None:
+        raise diverged
+    if flags[1]:
+        state.stop_signal = int(flags[1])
+    return pending.last_loss
+
+
+def _all_totals(state: TrainState) -> tuple:
+    """The epoch's (loss sum, correct, seen) so far, added up over the processes (one all_reduce; every
+    process calls it at the same step); in one process, state.totals as they are."""
+    loss, correct, seen = state.totals
+    if state.world.size == 1:
+        return loss, correct, seen
+    sums = distributed.all_reduce_sum(torch.stack([loss.double(), correct.double(),
+                                                   torch.tensor(seen, dtype=torch.float64, device=loss.device)]))
+    return sums[0].to(loss.dtype), sums[1].to(correct.dtype), int(sums[2].item())
+
+
 def save_step_checkpoint(state: TrainState) -> None:
-    """checkpoints/step-<step>.pt, keeping the newest trainer.keep_checkpoints of them."""
+    """checkpoints/step-<step>.pt, keeping the newest trainer.keep_checkpoints of them. Every process
+    calls it (the epoch's totals are added up); rank 0 writes."""
     folder = state.run_dir / "checkpoints"
-    save_checkpoint(folder / f"step-{state.step}.pt", checkpoint_state(state))
+    checkpoint = checkpoint_state(state)
+    if state.world.rank > 0:
+        return
+    save_checkpoint(folder / f"step-{state.step}.pt", checkpoint)
     steps = sorted((int(p.stem.removeprefix("step-")), p) for p in folder.glob("step-*.pt")
                    if p.stem.removeprefix("step-").isdigit())
     for _, old in steps[:-max(1, state.cfg.trainer.keep_checkpoints)]:
@@ -315,15 +397,19 @@ class Pending:
 
 
 def checkpoint_state(state: TrainState) -> dict:
-    """The checkpoint of the run as it is now: a plain dict (see cvtrain/checkpoint.py)."""
+    """The checkpoint of the run as it is now: a plain dict (see cvtrain/checkpoint.py). The plain model's
+    weights (no DDP or compile prefixes) and the number of processes: it resumes in any number. Mid-epoch
+    with several processes every process calls it at the same step: the totals of all are added up."""
     data = state.data
+    totals = _all_totals(state) if state.batch else None
     return {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
             "scheduler": state.scheduler.state_dict(), "epoch": state.epoch, "step": state.step,
             "best_val_acc": state.best_val_acc, "best_epoch": state.best_epoch, "rng": rng_state(),
             # the position inside epoch `epoch` (0 batches at an epoch's end): a resume continues there exactly
             "batch": state.batch,
             "epoch_totals": None if not state.batch else
-            {"loss": state.totals[0].detach().clone(), "correct": state.totals[1].detach().clone(), "seen": state.totals[2]},
+            {"loss": totals[0].detach().clone(), "correct": totals[1].detach().clone(), "seen": totals[2]},
+            "world_size": state.world.size,
             "mix_rng": state.mix_gen.get_state() if state.batch and state.mix_gen is not None else None,
             "scaler": state.speed.scaler.state_dict() if state.speed.scaler else None,  # precision=16
             "lookahead": state.lookahead.state_dict() if state.lookahead else None,
@@ -334,20 +420,24 @@ def checkpoint_state(state: TrainState) -> dict:
 
 def finish(state: TrainState) -> dict:
     """After the last epoch: the test split and the visualizations (of the best checkpoint's
-    weights), then summary.json. Returns the summary."""
+    weights), then summary.json. Returns the summary. Several processes: rank 0 does all of it alone
+    (the whole test split, no collective), the others only return the summary."""
     cfg = state.cfg
     summary = {"status": "completed", "best_val_acc": state.best_val_acc, "best_epoch": state.best_epoch,
                "final_val_acc": state.val_acc, "epochs": state.epoch,
                "train_time_s": round(time.perf_counter() - state.started, 3),
                "train_images_per_s": round(state.train_images / max(state.train_time, 1e-9), 1),
                "params": state.params, "device": str(state.device), "precision": _precision(state.speed),
+               "world_size": state.world.size, "global_batch_size": cfg.data.batch_size * state.world.size,
                **({"compile_time_s": round(state.compile_time_s, 3)} if state.speed.compile else {}),
                **state.monitor.summary()}
+    if state.world.rank > 0:
+        return summary
     weights = _load_best(state) if cfg.trainer.test or cfg.trainer.viz else "final"
     if cfg.trainer.test:
         loader = InMemoryLoader(state.data.test, cfg.data.eval_batch_size, device=state.device,
                                 preprocess=state.data.preprocess, placement=cfg.data.placement)
-        test_loss, summary["test_acc"] = evaluate(state.net, loader, state.loss_fn, state.speed, cfg.trainer.tta)
+        test_loss, summary["test_acc"] = evaluate(state.eval_net, loader, state.loss_fn, state.speed, cfg.trainer.tta)
         log.info("test (%s model): loss %.4f acc %.2f%% on %d images", weights, test_loss,
                  100 * summary["test_acc"], len(state.data.test))
     if cfg.trainer.viz:
@@ -373,16 +463,21 @@ def train(cfg, run_dir: Path) -> dict:
                    "best_val_acc": state.best_val_acc if state.best_epoch else None, "best_epoch": state.best_epoch,
                    "params": state.params, "device": str(state.device), **state.monitor.summary()}
         state.logger.summary(summary, state.step)
-        write_summary(state.run_dir, summary)
+        if state.world.rank == 0:
+            write_summary(state.run_dir, summary)
         raise
     except Interrupted as err:
         command = resume_command(state.run_dir)
+        if state.world.size > 1:  # (a checkpoint resumes in any number of processes, python -m cvtrain too)
+            torchrun = f"torchrun --nproc_per_node={state.world.size} -m cvtrain"
+            command = command.replace("python -m cvtrain", torchrun, 1)
         summary = {"status": "interrupted", "reason": str(err), "step": state.step, "epochs": state.epoch,
                    "batch": state.batch, "best_val_acc": state.best_val_acc if state.best_epoch else None,
                    "best_epoch": state.best_epoch, "params": state.params, "device": str(state.device),
                    "resume_command": command, **state.monitor.summary()}
         state.logger.summary(summary, state.step)
-        write_summary(state.run_dir, summary)
+        if state.world.rank == 0:
+            write_summary(state.run_dir, summary)
         log.warning("%s; checkpoint %s. Resume with:\n%s", err, state.run_dir / "checkpoints" / "last.pt", command)
         raise
     finally:
@@ -394,11 +489,20 @@ def train(cfg, run_dir: Path) -> dict:
 
 def _install_stop_handlers(state: TrainState) -> None:
     """The first SIGINT (Ctrl-C) or SIGTERM sets state.stop_signal: the loop stops after the current step
-    with a checkpoint; a second one stops at once (Interrupted from the handler). Main thread only."""
+    with a checkpoint; a second one stops at once (Interrupted from the handler). Main thread only.
+    Several processes: it sets state.signal_received, and every process stops at the next loss flush
+    (_flush), at the same step. A repeated signal changes nothing there: torchrun passes a Ctrl-C on to
+    every process (which so gets it twice) and kills them 30 s after its own first signal."""
     if threading.current_thread() is not threading.main_thread():
         return
 
     def handler(signum, frame):
+        if state.world.size > 1:
+            if state.signal_received is None:
+                state.signal_received = signum
+                log.warning("%s: every process stops at the next loss flush (at most trainer.log_every=%d steps) "
+                            "with a checkpoint", signal.Signals(signum).name, state.cfg.trainer.log_every)
+            return
         if state.stop_signal is not None:
             raise Interrupted(signum, f"stopped at once by a second {signal.Signals(signum).name} at step {state.step}")
         state.stop_signal = signum
@@ -418,6 +522,9 @@ def _restore_stop_handlers(state: TrainState) -> None:
 def run(cfg, run_dir: Path) -> float:
     """The task function: train (or fit) and return the best validation accuracy."""
     if model_kind(cfg.model.name) == "fitted":
+        if distributed.world_size() > 1:
+            raise UserError(f"model={cfg.model.name} is fitted, not trained: it runs in one process; start it "
+                            "without torchrun")
         return knn.run(cfg, run_dir)
     return train(cfg, run_dir)["best_val_acc"]
 
@@ -453,9 +560,21 @@ def _restore(state: TrainState, saved: dict) -> None:
                         "resume with the same optim settings") from None
     for group, own in zip(optimizer.param_groups, settings):
         group.update(own)
+    state.batch = saved.get("batch", 0)  # a mid-epoch checkpoint: continue at that batch of the epoch
+    saved_world, world = saved.get("world_size", 1), state.world.size
+    scheduler = saved["scheduler"]
+    if saved_world != world:  # another number of processes: other batches per epoch (module doc)
+        batch = state.batch * saved_world // world
+        if state.batch:
+            log.info("trainer.resume: the checkpoint stopped at batch %d of epoch %d in %d process(es); in %d that "
+                     "is batch %d, which covers the same images of the epoch (at the same data.batch_size; rounded "
+                     "down)", state.batch, saved["epoch"] + 1, saved_world, world, batch)
+        state.batch = batch
+        if "steps" in scheduler:  # the schedule goes on at the same fraction of the run
+            scheduler = {**scheduler, "steps": saved["epoch"] * len(state.train_loader) + batch}
     # continue at the saved step and epoch (and plateau state), on this run's schedule shape:
     # its optim.lr, and a longer trainer.epochs stretches it
-    state.scheduler.load_state_dict(saved["scheduler"])
+    state.scheduler.load_state_dict(scheduler)
     set_rng_state(saved["rng"])
     if state.speed.scaler is not None and saved.get("scaler"):
         state.speed.scaler.load_state_dict(saved["scaler"])
@@ -463,19 +582,53 @@ def _restore(state: TrainState, saved: dict) -> None:
         state.lookahead.load_state_dict(saved["lookahead"])
     state.epoch, state.step = saved["epoch"], saved["step"]
     state.best_val_acc, state.best_epoch = saved["best_val_acc"], saved["best_epoch"]
-    state.batch = saved.get("batch", 0)  # a mid-epoch checkpoint: continue at that batch of the epoch
     if state.batch:
         if state.batch > len(state.train_loader):
             raise UserError(f"trainer.resume: the checkpoint stopped at batch {state.batch} of an epoch, but this run's "
                             f"epochs have {len(state.train_loader)} batches; resume with the same data settings")
-        totals = saved["epoch_totals"]
-        state.totals = (totals["loss"].to(state.device), totals["correct"].to(state.device), totals["seen"])
+        totals = saved["epoch_totals"]  # of every process: rank 0 carries them on, the others start from 0
+        if state.world.rank == 0:
+            state.totals = (totals["loss"].to(state.device), totals["correct"].to(state.device), totals["seen"])
         if saved.get("mix_rng") is not None:
             state.mix_gen = torch.Generator()
             state.mix_gen.set_state(saved["mix_rng"])
-    _carry_best_checkpoint(Path(cfg.trainer.resume), state.run_dir)
+    if state.world.rank == 0:
+        _carry_best_checkpoint(Path(cfg.trainer.resume), state.run_dir)
     log.info("resumed from %s at epoch %d%s (step %d)", cfg.trainer.resume, state.epoch,
              f", batch {state.batch}" if state.batch else "", state.step)
+
+
+def _process_device(device: torch.device, world: distributed.World) -> torch.device:
+    """This process's device: `device` in one process; in several, cuda:<LOCAL_RANK> for a CUDA device
+    (one GPU per process), the CPU as it is."""
+    if world.size == 1 or device.type != "cuda":
+        return device
+    if device.index is not None:
+        raise UserError(f"trainer.device={device} with {world.size} processes: each process trains on its own GPU, "
+                        "cuda:<LOCAL_RANK>; use trainer.device=cuda (or auto)")
+    count = torch.cuda.device_count()
+    if world.local_rank >= count:
+        raise UserError(f"process {world.rank} (LOCAL_RANK {world.local_rank}) has no GPU of its own: this machine "
+                        f"has {count}; start at most {count} processes per machine (torchrun --nproc_per_node), or "
+                        "use trainer.device=cpu")
+    return torch.device("cuda", world.local_rank)
+
+
+def _distribute(state: TrainState) -> None:
+    """Several processes: the model in DistributedDataParallel (state.net, state.wrapped; compiled with
+    trainer.compile), evaluation on the plain model (module doc); each process other than rank 0 draws
+    its own random numbers in the forward pass (dropout) from here on. One process: state.wrapped is
+    the model, state.eval_net what the loop calls."""
+    state.wrapped, state.eval_net = state.model, state.net
+    world = state.world
+    if world.size == 1:
+        return
+    device_ids = [state.device.index] if state.device.type == "cuda" else None
+    state.wrapped = DistributedDataParallel(state.model, device_ids=device_ids)  # rank 0's weights to every process
+    state.net = torch.compile(state.wrapped, mode=state.speed.compile_mode) if state.speed.compile else state.wrapped
+    state.eval_net = state.model
+    if world.rank > 0:
+        torch.manual_seed(epoch_seed(state.cfg.trainer.seed, state.step) * 1000 + world.rank)
 
 
 def _init_images(data, device, count: int = 5000) -> torch.Tensor:
@@ -514,7 +667,11 @@ def _visualize(state: TrainState, weights: str) -> None:
     try:
         from cvtrain.viz import write_visualizations  # imports matplotlib: only when used
 
-        files = write_visualizations(state.model, state.val_loader, state.data, state.logger.writer,
+        val_loader = state.val_loader
+        if state.world.size > 1:  # this process's loader holds its part of the split: the whole one
+            val_loader = InMemoryLoader(state.data.val, state.cfg.data.eval_batch_size, device=state.device,
+                                        preprocess=state.data.preprocess, placement=state.cfg.data.placement)
+        files = write_visualizations(state.model, val_loader, state.data, state.logger.writer,
                                      state.run_dir, state.step)
         log.info("visualizations of the %s model: %s in %s", weights, ", ".join(files), state.run_dir / "viz")
     except Exception as err:  # noqa: BLE001
