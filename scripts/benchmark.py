@@ -9,6 +9,9 @@ by round so that machine noise hits both alike, and reports medians):
              ratio plain/cvtrain (target, checked by a person: <= 1.03 on CPU). LeNet and ResNet-20,
              on the CPU and on CUDA when present. On the CPU ResNet-20 trains on a fixed subset of the
              training images (--images), so the section stays within minutes on 2 cores.
+  augment    LeNet trained by cvtrain with aug=cifar (pad-4 crop + flip) beside aug=none: images/s and the
+             ratio cifar/none, the cost of augmentation next to a real model (target, checked by a person:
+             >= 0.9 on CPU).
   pipeline   cvtrain's input pipeline (load_data: JPGs decoded once and cached under data.cache_dir;
              InMemoryLoader + BatchAugment(aug=cifar) + the fitted preprocess, as tasks/train.py setup()
              builds it) beside torchvision's ImageFolder + DataLoader (num_workers = os.cpu_count())
@@ -76,7 +79,7 @@ from cvtrain.models import build_model
 from cvtrain.optim import build_optimizer
 from cvtrain.tasks.knn import preprocessed
 
-SECTIONS = ("overhead", "pipeline", "knn", "speedrun", "resnet20")
+SECTIONS = ("overhead", "augment", "pipeline", "knn", "speedrun", "resnet20")
 ENV_ROOT = "CVTRAIN_CIFAR_ROOT"
 DEFAULT_IMAGES = "lenet=0,resnet20=15000"  # --images: training images per epoch in the overhead section on the CPU
 QUICK_IMAGES = "lenet=0,resnet20=128"
@@ -398,6 +401,33 @@ def overhead_row(ctx: Context, device, model: str, n: int) -> dict:
                 overhead_ratio=round(p / f, 4), overhead_ratio_best=round(max(plain) / max(ours), 4),
                 cvtrain_rounds=[round(v, 1) for v in ours],
                 plain_rounds=[round(v, 1) for v in plain])
+
+
+def section_augment(ctx: Context) -> list:
+    """LeNet's training images/s with aug=cifar (pad-4 crop + flip, on the training device) beside aug=none:
+    the cost of augmentation next to a real model (target, checked by a person: >= 0.9 on the CPU)."""
+    full, rows = ctx.data, []
+    data = DataBundle(full.train, subset(full.val, OVERHEAD_VAL_IMAGES), None, full.classes, full.mean, full.std,
+                      full.preprocess)
+    for device in ctx.devices:
+        cfgs = {aug: ctx.base_cfg("model=lenet", f"aug={aug}", "trainer.epochs=1", "trainer.checkpoint=false",
+                                  "trainer.progress=false", "trainer.viz=false", f"trainer.device={device}")
+                for aug in ("none", "cifar")}
+        speed = {"none": [], "cifar": []}
+        for r in range(ctx.args.rounds):
+            for aug in (("none", "cifar") if r % 2 == 0 else ("cifar", "none")):
+                speed[aug].append(cvtrain_images_per_s(cfgs[aug], data, ctx.workdir))
+            print(f"  round {r + 1}: aug=none {speed['none'][-1]:,.0f} | aug=cifar {speed['cifar'][-1]:,.0f} img/s",
+                  flush=True)
+        none, cifar = statistics.median(speed["none"]), statistics.median(speed["cifar"])
+        rows.append(row("augment", device, "lenet aug=cifar", ours=f"aug=cifar {cifar:,.0f} img/s",
+                        peer=f"aug=none {none:,.0f} img/s", ratio=f"{cifar / none:.3f} cifar/none",
+                        note=f"LeNet, {len(full.train):,} images, batch {cfgs['none'].data.batch_size}; median of "
+                             f"{ctx.args.rounds} alternating rounds of one epoch" +
+                             ("; target >= 0.9" if device.type == "cpu" else ""),
+                        none_images_per_s=round(none, 1), cifar_images_per_s=round(cifar, 1),
+                        ratio_value=round(cifar / none, 4), none_rounds=speed["none"], cifar_rounds=speed["cifar"]))
+    return rows
 
 
 # --- 2. pipeline: cvtrain's InMemoryLoader vs ImageFolder + DataLoader -----------------------------------

@@ -50,8 +50,11 @@ def rows_of(result, section, device=None):
 def test_quick_run_writes_every_section(quick_run):
     rows = quick_run.result["rows"]
     devices = 2 if torch.cuda.is_available() else 1
-    assert [r["section"] for r in rows][:3 * devices + 1] == ["overhead"] * 2 * devices + ["pipeline"] * devices + ["knn"]
-    assert {r["section"] for r in rows} == {"overhead", "pipeline", "knn", "speedrun", "resnet20"}
+    assert [r["section"] for r in rows][:4 * devices + 1] == \
+        ["overhead"] * 2 * devices + ["augment"] * devices + ["pipeline"] * devices + ["knn"]
+    assert {r["section"] for r in rows} == {"overhead", "augment", "pipeline", "knn", "speedrun", "resnet20"}
+    augment = next(r for r in rows if r["section"] == "augment")
+    assert augment["none_images_per_s"] > 0 and augment["cifar_images_per_s"] > 0 and augment["ratio_value"] > 0
     assert not any(r["failed"] for r in rows)
     assert quick_run.result["meta"]["quick"] is True
     assert "| section" in quick_run.output  # the table
