@@ -3,7 +3,6 @@ and the ResNet presets follow He et al.'s iteration schedule."""
 from pathlib import Path
 
 import pytest
-import torch
 
 from cvtrain.models import build_model
 from cvtrain.optim import build_optimizer, build_scheduler
