@@ -183,3 +183,19 @@ def test_deferred_values_on_cuda_arrive_a_round_later_without_a_wait():
     deferred.put(torch.tensor([2.0], device="cuda"), "second")
     assert list(deferred.take(keep=1)) == [([1.0], "first")]
     assert list(deferred.take(keep=0)) == [([2.0], "second")]
+
+
+def test_a_resumed_run_keeps_the_loss_guard_on_the_first_loss_of_the_run(compose_config, tmp_path):
+    """After a resume late in training the guard must not take that late, low loss as its reference
+    (a normal rise of the loss would then look like an explosion)."""
+    _train(compose_config, tmp_path / "a", "trainer.epochs=1")
+    saved = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")
+    assert saved["initial_loss"] == pytest.approx(1.386, rel=0.1)  # ln 4: the first loss of the run
+    cfg = compose_config([*TINY, f"trainer.resume={tmp_path / 'a' / 'checkpoints' / 'last.pt'}"])
+    from cvtrain.tasks.train import _restore_stop_handlers, setup
+    state = setup(cfg, tmp_path / "b")
+    try:
+        assert state.monitor.loss_guard.initial == saved["initial_loss"]
+    finally:
+        _restore_stop_handlers(state)
+        state.logger.close()

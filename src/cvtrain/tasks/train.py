@@ -194,6 +194,8 @@ def setup(cfg, run_dir: Path) -> TrainState:
                  state.compile_time_s)
     state.logger = RunLogger(run_dir, run_hparams(cfg)) if world.rank == 0 else NoLogger()  # rank 0 writes
     state.monitor = TrainingMonitor(model, cfg.trainer, state.logger, measure=world.rank == 0)
+    if resume and resume.get("initial_loss") is not None:  # the loss guard compares with the run's first loss,
+        state.monitor.loss_guard.initial = resume["initial_loss"]  # not with the first one after the resume
     processes = f" | {world.size} processes, global batch {cfg.data.batch_size * world.size}" if world.size > 1 else ""
     log.info("%s: %d parameters | data %s %s, %d train / %d val images | device %s%s | run dir %s", cfg.model.name,
              state.params, cfg.data.name, data.shape, len(data.train), len(data.val), device, processes, run_dir)
@@ -411,6 +413,7 @@ def checkpoint_state(state: TrainState) -> dict:
             {"loss": totals[0].detach().clone(), "correct": totals[1].detach().clone(), "seen": totals[2]},
             "world_size": state.world.size,
             "mix_rng": state.mix_gen.get_state() if state.batch and state.mix_gen is not None else None,
+            "initial_loss": state.monitor.loss_guard.initial if state.monitor else None,
             "scaler": state.speed.scaler.state_dict() if state.speed.scaler else None,  # precision=16
             "lookahead": state.lookahead.state_dict() if state.lookahead else None,
             "config": OmegaConf.to_container(state.cfg, resolve=True),
