@@ -102,12 +102,15 @@ class InMemoryLoader:
                 gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch) * 1000 + self.rank)
         order_on_device = order.to(self.device)  # one copy per epoch
         spans = [slice(i * self.batch_size, (i + 1) * self.batch_size) for i in range(len(self))]
-        images = self._copied_ahead(order, spans) if self.on_host else (self.images[order_on_device[s]] for s in spans)
+
+        def rows(span):  # in order (evaluation): a view of the stored images, no gather
+            return order_on_device[span] if self.shuffle else span
+        images = self._copied_ahead(order, spans) if self.on_host else (self.images[rows(s)] for s in spans)
         for span, x in zip(spans, images):
             x = x.float().div_(255)
             if self.augment:
                 x = self.augment(x, gen)
-            yield self.preprocess(x), self.labels[order_on_device[span]]
+            yield self.preprocess(x), self.labels[rows(span)]
 
     def _copied_ahead(self, order: torch.Tensor, spans: list):
         """placement=host: the uint8 batches on the device, each gathered into one of two pinned buffers
