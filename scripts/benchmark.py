@@ -20,6 +20,14 @@ by round so that machine noise hits both alike, and reports medians):
              preprocessed, no model. cvtrain's epoch figure excludes the one-time decode; its first
              load (decode + cache write) and a cached load are reported beside it (target, checked by
              a person: cvtrain >= 20x the DataLoader).
+  disk       data=imagefolder's two paths on the CIFAR-10 JPGs, on the CPU: images/s of a full pass of shuffled
+             batches of 512 (pad-4 crop + flip, the fitted preprocess), (a) in memory (data.in_memory=true),
+             (b) memory-mapped (data.in_memory=false: the batches read from the cache file by a DataLoader's
+             workers; and, beside it, read by index in the training process, data.num_workers=0),
+             (c) torchvision's ImageFolder + DataLoader with RandomCrop(32, padding=4), RandomHorizontalFlip,
+             ToTensor, Normalize; (b) and (c) with the same workers (--workers, default os.cpu_count(); (a)
+             has nothing to read); and the one-time cache build (the JPGs decoded into the memory-mapped file)
+             with 2 workers (DISK_BUILD_WORKERS). The file and the JPGs are in the page cache (warm).
   knn        cvtrain's kNN (model=knn) beside scikit-learn's KNeighborsClassifier(algorithm="brute")
              on the same preprocessed features: time, and the fraction of predictions that agree
              (a disagreement is explained: float64 neighbours, gap at the k-th, votes). scikit-learn
@@ -40,6 +48,7 @@ by round so that machine noise hits both alike, and reports medians):
     python scripts/benchmark.py --quick --json /tmp/quick.json                    # about a minute: the test suite's
     python scripts/benchmark.py --only overhead --models lenet data=mnist data.root=../shared/data data.download=false
     python scripts/benchmark.py --only knn --cifar-root /tmp/cifar10 data.val_fraction=0.2   # 40,000 x 10,000
+    python scripts/benchmark.py --only disk --cifar-root /tmp/cifar10 --threads 1 --workers 2 --rounds 5
     CVTRAIN_CIFAR_ROOT=/tmp/cifar10 python scripts/benchmark.py --only knn --knn-queries 2000 --knn-metric l1
     python scripts/benchmark.py --cifar-root /tmp/cifar10 --only speedrun,resnet20 --seeds 5 --resnet20-epochs 40
 
@@ -79,11 +88,12 @@ from cvtrain.models import build_model
 from cvtrain.optim import build_optimizer
 from cvtrain.tasks.knn import preprocessed
 
-SECTIONS = ("overhead", "augment", "pipeline", "knn", "speedrun", "resnet20")
+SECTIONS = ("overhead", "augment", "pipeline", "disk", "knn", "speedrun", "resnet20")
 ENV_ROOT = "CVTRAIN_CIFAR_ROOT"
 DEFAULT_IMAGES = "lenet=0,resnet20=15000"  # --images: training images per epoch in the overhead section on the CPU
 QUICK_IMAGES = "lenet=0,resnet20=128"
 OVERHEAD_VAL_IMAGES = 500  # validation after each overhead epoch: not timed, so kept small
+DISK_BATCH, DISK_BUILD_WORKERS = 512, 2  # the disk section's batch size and cache-building processes
 AIRBENCH_INSTALL = ("pip install airbench==0.1.8 (offline: pip download airbench==0.1.8 --no-deps elsewhere, "
                     "then pip install --no-deps ./airbench-0.1.8.tar.gz)")
 
@@ -247,11 +257,11 @@ class Context:
         if self._data is None:
             cfg = self.base_cfg()
             cache = Path(cfg.data.cache_dir).expanduser()
-            before = set(cache.glob("*.pt")) if cache.is_dir() else set()
+            before = set(cache.glob("imagefolder-*")) if cache.is_dir() else set()
             t0 = time.perf_counter()
             load_data(cfg.data)
             first = time.perf_counter() - t0
-            after = set(cache.glob("*.pt")) if cache.is_dir() else set()
+            after = set(cache.glob("imagefolder-*")) if cache.is_dir() else set()
             t0 = time.perf_counter()
             self._data = load_data(cfg.data)
             self.load_times = {"first_load_s": round(first, 3), "cached_load_s": round(time.perf_counter() - t0, 3),
@@ -514,6 +524,85 @@ def section_pipeline(ctx: Context) -> list:
                         cvtrain_first_epoch_with_load_images_per_s=round(first_epoch, 1), rounds=args.rounds,
                         cvtrain_rounds=[round(v, 1) for v in ours], dataloader_rounds=[round(v, 1) for v in theirs]))
     return rows
+
+
+# --- 2b. disk: data.in_memory=true vs false vs ImageFolder + DataLoader ------------------------------------
+
+def section_disk(ctx: Context) -> list:
+    from torchvision import datasets, transforms
+
+    args, device = ctx.args, torch.device("cpu")
+    root = ctx.imagefolder_root
+    if root is None:
+        return [skipped("disk", device, "memory-mapped data",
+                        f"needs JPGs in ImageFolder layout: --cifar-root <folder holding train/<class>/> or ${ENV_ROOT}")]
+    workers = args.workers or os.cpu_count()
+    cache = ctx.workdir / "disk-cache"  # a fresh cache: its first load decodes
+    cfg = {mode: ctx.base_cfg("aug=cifar", f"data.cache_dir={cache}", f"data.in_memory={mode}",
+                              f"data.num_workers={DISK_BUILD_WORKERS}") for mode in ("true", "false")}
+    t0 = time.perf_counter()
+    load_data(cfg["false"].data)
+    build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    mapped = load_data(cfg["false"].data)
+    cached_s = time.perf_counter() - t0
+    memory = load_data(cfg["true"].data)
+    images = len(mapped.train)
+    decoded = sum(len(split) for split in (mapped.train, mapped.val, mapped.test) if split is not None)
+    print(f"[disk] {images:,} training images {tuple(mapped.shape)}: first load {build_s:.1f} s (decode into the cache, "
+          f"{DISK_BUILD_WORKERS} workers), cached load {cached_s:.1f} s; batch {DISK_BATCH}, {workers} workers, "
+          f"torch threads {torch.get_num_threads()}", flush=True)
+    augment, seed = BatchAugment(cfg["true"].aug), cfg["true"].trainer.seed
+
+    def loader(data, **extra):
+        return InMemoryLoader(data.train, DISK_BATCH, shuffle=True, augment=augment, seed=seed,
+                              preprocess=data.preprocess, **extra)
+    # ImageFolder over the same training images (its file order is cvtrain's: the same split applies)
+    transform = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
+                                    transforms.ToTensor(),
+                                    transforms.Normalize(memory.mean.tolist(), memory.std.tolist())])
+    folder = datasets.ImageFolder(str(root / "train"), transform=transform)
+    train_idx, _ = stratified_split(torch.tensor(folder.targets), cfg["true"].data.val_fraction,
+                                    cfg["true"].data.split_seed)
+    passes = {"in_memory": loader(memory), "mapped": loader(mapped, num_workers=workers),
+              "mapped_in_process": loader(mapped, num_workers=0),
+              "dataloader": torch.utils.data.DataLoader(torch.utils.data.Subset(folder, train_idx.tolist()),
+                                                        batch_size=DISK_BATCH, shuffle=True, num_workers=workers)}
+    speed = {name: [] for name in passes}
+    for r in range(args.rounds):  # the order rotates round by round
+        for name in list(passes)[r % 4:] + list(passes)[:r % 4]:
+            if name != "dataloader":
+                passes[name].set_epoch(r)
+            n, t = drain(passes[name], device)
+            speed[name].append(n / t)
+        print(f"  round {r + 1}: " + " | ".join(f"{name} {v[-1]:,.0f} img/s" for name, v in speed.items()), flush=True)
+    mem, mm, mm0, dl = (statistics.median(speed[name]) for name in passes)
+    values = dict(images=images, batch_size=DISK_BATCH, workers=workers, rounds=args.rounds,
+                  in_memory_images_per_s=round(mem, 1), mapped_images_per_s=round(mm, 1),
+                  mapped_in_process_images_per_s=round(mm0, 1), dataloader_images_per_s=round(dl, 1),
+                  build_s=round(build_s, 3), build_workers=DISK_BUILD_WORKERS, build_images=decoded,
+                  cached_load_s=round(cached_s, 3),
+                  cache_bytes=sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()),
+                  **{f"{name}_rounds": [round(v, 1) for v in speed[name]] for name in passes})
+    what = (f"{images:,} images, a full shuffled pass of batches of {DISK_BATCH}, pad-4 crop + flip + preprocess, "
+            f"median of {args.rounds} rotating rounds")
+    return [row("disk", device, f"mapped ({workers} workers) vs in memory", ours=f"mapped {mm:,.0f} img/s",
+                peer=f"in memory {mem:,.0f} img/s", ratio=f"{mm / mem:.2f} mapped/in memory",
+                note=f"{what}; data.in_memory=false, data.num_workers={workers}: each batch read from the map by a "
+                     f"DataLoader worker (new worker processes every pass, counted)", **values),
+            row("disk", device, "mapped (in-process) vs in memory", ours=f"mapped {mm0:,.0f} img/s",
+                peer=f"in memory {mem:,.0f} img/s", ratio=f"{mm0 / mem:.2f} mapped/in memory",
+                note=f"{what}; data.in_memory=false, data.num_workers=0: each batch read from the map by index in "
+                     "the training process", **values),
+            row("disk", device, "mapped vs ImageFolder", ours=f"mapped {mm:,.0f} img/s",
+                peer=f"DataLoader {dl:,.0f} img/s", ratio=f"{mm / dl:.1f}x mapped/DataLoader",
+                note=f"{what}; both with {workers} workers; torchvision ImageFolder + DataLoader (RandomCrop(32, "
+                     "padding=4), RandomHorizontalFlip, ToTensor, Normalize) decodes every JPG every epoch",
+                **values),
+            row("disk", device, "cache build", ours=f"{build_s:.1f} s ({decoded / max(build_s, 1e-9):,.0f} img/s)",
+                note=f"the first load_data: the {decoded:,} JPGs of train/ decoded into the memory-mapped cache by "
+                     f"{DISK_BUILD_WORKERS} worker processes, plus the training statistics; a cached load (the "
+                     f"statistics only) takes {cached_s:.2f} s", **values)]
 
 
 # --- 3. kNN: cvtrain's vs scikit-learn's -------------------------------------------------------------------

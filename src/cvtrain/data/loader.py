@@ -1,13 +1,16 @@
-"""In-memory batching: uint8 images stay on the training device (or, when they do not fit there, in
-the host's pinned memory, each batch copied ahead on a side stream); each batch is indexed, converted
-to float, augmented and preprocessed with tensor ops on the training device."""
+"""Batching: uint8 images stay on the training device (or, when they do not fit there, in the host's
+pinned memory, each batch copied ahead on a side stream), or, memory-mapped (data.in_memory=false), on
+disk, each batch read by a DataLoader's workers; each batch is indexed, converted to float, augmented and
+preprocessed with tensor ops on the training device."""
 import logging
 
 import torch
+from torch.utils.data import DataLoader
 
 from cvtrain import UserError
 
 from cvtrain.data.preprocess import Preprocessor
+from cvtrain.data.mapped import MappedImages
 from cvtrain.data.sources import Split
 
 
@@ -57,20 +60,31 @@ class InMemoryLoader:
     epoch's generator as a single process does, the others each with a generator of their own. In
     order (evaluation): a contiguous part of the split, sizes differing by at most one, together every
     image once. The defaults 0 and 1 are a single process: the whole split, the same draws.
+
+    A memory-mapped split (split.images is MappedImages, data.in_memory=false) stays on disk: each batch's
+    uint8 images are read from the map by a DataLoader with `num_workers` processes (default: the split's,
+    data.num_workers), into pinned memory on CUDA, and copied to `device`; only the rows of this process's
+    batches are read. Everything else (the order, the spans, the generator's draws) is the same, so the
+    batches are those of the same split in memory. data.placement does not apply to it.
     """
 
     def __init__(self, split: Split, batch_size: int, mean: torch.Tensor = None, std: torch.Tensor = None,
                  device: torch.device = None, shuffle: bool = False, augment=None, seed: int = 0,
                  drop_last: bool = False, preprocess: Preprocessor = None, placement: str = "device",
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, num_workers: int = None):
         device = torch.device("cpu") if device is None else torch.device(device)
         self.device = device
         self.rank, self.world_size = rank, world_size
         if world_size > 1 and not shuffle:  # evaluation: this process's contiguous part of the split
             n = len(split.labels)
             split = split.subset(torch.arange(n * rank // world_size, n * (rank + 1) // world_size))
-        self.on_host = resolve_placement(placement, split.images.numel(), device) == "host"
-        self.images = split.images.pin_memory() if self.on_host else split.images.to(device)
+        self.mapped = isinstance(split.images, MappedImages)
+        if self.mapped:  # stays on disk: read a batch at a time (_read)
+            self.on_host, self.images = False, split.images
+            self.num_workers = split.images.num_workers if num_workers is None else num_workers
+        else:
+            self.on_host = resolve_placement(placement, split.images.numel(), device) == "host"
+            self.images = split.images.pin_memory() if self.on_host else split.images.to(device)
         self.labels = split.labels.to(device)
         self.batch_size, self.shuffle, self.augment, self.seed = batch_size, shuffle, augment, seed
         # drop a ragged last batch only when there is a full one (batch norm needs > 1 sample)
@@ -105,7 +119,12 @@ class InMemoryLoader:
 
         def rows(span):  # in order (evaluation): a view of the stored images, no gather
             return order_on_device[span] if self.shuffle else span
-        images = self._copied_ahead(order, spans) if self.on_host else (self.images[rows(s)] for s in spans)
+        if self.mapped:
+            images = self._read(order, spans)
+        elif self.on_host:
+            images = self._copied_ahead(order, spans)
+        else:
+            images = (self.images[rows(s)] for s in spans)
         for span, x in zip(spans, images):
             x = x.float().div_(255)
             if self.augment:
@@ -140,3 +159,13 @@ class InMemoryLoader:
             x.record_stream(current)  # its memory is not reused before the loop is done with it
             ahead = copy(i + 1) if i + 1 < len(spans) else None
             yield x
+
+    def _read(self, order: torch.Tensor, spans: list):
+        """A memory-mapped split: the uint8 batches read from the map by a DataLoader (self.num_workers
+        processes, pinned memory on CUDA), on the device."""
+        reader = DataLoader(
+            self.images, batch_size=None, sampler=[order[span].tolist() for span in spans], num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator())  # its workers' seed from its own generator: the global RNG is untouched
+        for x in reader:
+            yield x.to(self.device, non_blocking=True)

@@ -8,7 +8,9 @@ applied to every float batch on [0, 1] pixels (after augmentation).
     zca_whiten     U diag(1 / sqrt(S + eps)) U^T (x - mu)  on the flattened pixels
 
 U, S are the eigenvectors and eigenvalues of the training pixels' covariance
-(D x D for D = C*H*W, accumulated in float64 in chunks). Whitening keeps every
+(D x D for D = C*H*W, accumulated in float64 in chunks). Every statistic reads the
+images in chunks, so a memory-mapped training split (data.in_memory=false) is never
+converted to float as a whole: the whitening covariance is exact, from every image. Whitening keeps every
 component (no dimensionality reduction) and reshapes the D outputs back to
 (C, H, W), so convolutional models still take them; PCA's outputs are the
 principal components in decreasing order of variance (no longer an image),
@@ -27,10 +29,18 @@ from cvtrain import UserError
 
 METHODS = ("standardize", "channel_mean", "mean_image", "pca_whiten", "zca_whiten")
 MAX_WHITEN_DIMS = 4096  # the covariance is D x D: 3x32x32 = 3072 fits, 3x224x224 does not
+CHUNK_BYTES = 256 * 2**20  # the statistics convert at most this many bytes of images to float64 at a time
+
+
+def _rows(images, chunk: int) -> int:
+    """Images per chunk: at most `chunk`, and at most CHUNK_BYTES of them in float64 (large images)."""
+    return max(1, min(chunk, CHUNK_BYTES // (8 * max(1, images.shape[1:].numel()))))
 
 
 def channel_stats(images: torch.Tensor, chunk: int = 10_000):
-    """Per-channel mean and std of uint8 images (N, C, H, W), as floats on [0, 1]."""
+    """Per-channel mean and std of uint8 images (N, C, H, W), as floats on [0, 1]. Read in chunks: `images`
+    may be memory-mapped (MappedImages), never in memory as a whole."""
+    chunk = _rows(images, chunk)
     total = torch.zeros(images.shape[1], dtype=torch.float64)
     total_sq = torch.zeros_like(total)
     for i in range(0, len(images), chunk):
@@ -44,7 +54,8 @@ def channel_stats(images: torch.Tensor, chunk: int = 10_000):
 
 
 def mean_image(images: torch.Tensor, chunk: int = 10_000, device=None) -> torch.Tensor:
-    """The mean (C, H, W) of uint8 images, in float64 on [0, 1]."""
+    """The mean (C, H, W) of uint8 images, in float64 on [0, 1] (read in chunks, as channel_stats)."""
+    chunk = _rows(images, chunk)
     total = torch.zeros(images.shape[1:], dtype=torch.float64, device=device)
     for i in range(0, len(images), chunk):
         total += images[i:i + chunk].to(device).double().sum(0)

@@ -1,10 +1,11 @@
-"""Dataset sources. Each returns whole splits as uint8 tensors (N, C, H, W) + int64 labels.
+"""Dataset sources. Each returns whole splits as uint8 images (N, C, H, W) + int64 labels.
 
 Small-image datasets fit in memory: they are decoded once, kept as uint8 and
 moved to the training device by the loader, which batches and augments them
-with tensor ops.
+with tensor ops. data=imagefolder decodes into a memory-mapped cache file
+(data/mapped.py); with data.in_memory=false (or auto, when the images would not
+fit) its splits stay there (MappedImages) and the loader reads them in batches.
 """
-import hashlib
 import importlib.resources
 import logging
 import os
@@ -15,24 +16,27 @@ from typing import Optional
 import numpy as np
 import torch
 import torchvision.datasets as tvd
-import torchvision.transforms.functional as TF
-from PIL import Image
 
 from cvtrain import UserError
+from cvtrain.data import mapped
+from cvtrain.data.decode import LAYOUT, image_files
+from cvtrain.data.mapped import MappedImages
 
 log = logging.getLogger("cvtrain")
 
 
 @dataclass
 class Split:
-    images: torch.Tensor  # uint8, (N, C, H, W)
+    images: torch.Tensor  # uint8, (N, C, H, W); data.in_memory=false: MappedImages (on disk, read when indexed)
     labels: torch.Tensor  # int64, (N,)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, index: torch.Tensor) -> "Split":
-        return Split(self.images[index], self.labels[index])
+        """The images at `index`: a copy in memory; a view of the same file for MappedImages (nothing read)."""
+        images = self.images.subset(index) if isinstance(self.images, MappedImages) else self.images[index]
+        return Split(images, self.labels[index])
 
 
 @dataclass
@@ -143,64 +147,6 @@ def load_torchvision(cfg) -> Source:
 
 # --- a directory of images -------------------------------------------------------------
 
-LAYOUT = "root/train/<class>/*.jpg (any format PIL reads), and optionally root/val/<class>/..., root/test/<class>/..."
-
-
-def _image_files(split_dir: Path):
-    """(class names, [(path, label)]) of one split; a class folder without images is an error."""
-    extensions = {ext.lower() for ext in Image.registered_extensions()}
-    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
-    files, empty = [], []
-    for label, cls in enumerate(classes):
-        found = sorted(p for p in (split_dir / cls).rglob("*") if p.suffix.lower() in extensions)
-        if not found:
-            empty.append(cls)
-        files += [(p, label) for p in found]
-    if classes and empty:
-        raise UserError(f"data.root: class folder(s) {', '.join(empty)} under {split_dir} hold no images; "
-                        f"add images or remove the folder(s) (expected layout: {LAYOUT})")
-    return classes, files
-
-
-def _bad(path: Path, err: Exception, on_bad_image: str):
-    if on_bad_image != "skip":
-        raise UserError(f"cannot read image {path} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-                        "fix or remove it, or set data.on_bad_image=skip to leave unreadable images out") from None
-
-
-def _decode(files, image_size: Optional[int], on_bad_image: str = "error") -> tuple[Split, list]:
-    """The images of `files` as one Split, and the files left out as unreadable (data.on_bad_image=skip)."""
-    modes, skipped, readable = set(), [], []
-    for path, label in files:  # opening reads only the header
-        try:
-            with Image.open(path) as img:
-                modes.add("L" if img.mode in ("1", "L", "I;16", "I") else "RGB")
-            readable.append((path, label))
-        except (OSError, SyntaxError, ValueError) as err:  # UnidentifiedImageError is an OSError
-            _bad(path, err, on_bad_image)
-            skipped.append(path)
-    mode = "L" if modes == {"L"} else "RGB"
-    tensors, labels = [], []
-    for path, label in readable:
-        try:
-            with Image.open(path) as img:
-                t = TF.pil_to_tensor(img.convert(mode))  # decodes: a truncated file fails here
-        except (OSError, SyntaxError, ValueError) as err:
-            _bad(path, err, on_bad_image)
-            skipped.append(path)
-            continue
-        if image_size:
-            t = TF.center_crop(TF.resize(t, image_size, antialias=True), [image_size, image_size])
-        elif tensors and t.shape != tensors[0].shape:
-            raise UserError(f"images differ in size ({tuple(tensors[0].shape[1:])} and {tuple(t.shape[1:])} "
-                            f"at {path}); set data.image_size=<side> to resize and center-crop them all")
-        tensors.append(t)
-        labels.append(label)
-    if not tensors:
-        raise UserError(f"no readable images among {len(files)} files (data.on_bad_image=skip left them all out)")
-    return Split(torch.stack(tensors), torch.tensor(labels, dtype=torch.long)), skipped
-
-
 def load_imagefolder(cfg) -> Source:
     if not cfg.root:
         raise UserError(f"data=imagefolder needs data.root=<dir>; expected layout: {LAYOUT}")
@@ -210,14 +156,14 @@ def load_imagefolder(cfg) -> Source:
                         f"point it at a dataset laid out as {LAYOUT}")
     if not (root / "train").is_dir():
         raise UserError(f"data.root={cfg.root}: {root} has no train/ folder; data=imagefolder expects {LAYOUT}")
-    classes, train_files = _image_files(root / "train")
+    classes, train_files = image_files(root / "train")
     if not train_files:
         raise UserError(f"data.root={cfg.root}: no images found under {root / 'train'}/<class>/; "
                         f"data=imagefolder expects {LAYOUT}")
     splits = {"train": train_files}
     for name in ("val", "test"):
         if (root / name).is_dir():
-            split_classes, splits[name] = _image_files(root / name)
+            split_classes, splits[name] = image_files(root / name)
             if split_classes != classes:
                 only_split = sorted(set(split_classes) - set(classes))
                 only_train = sorted(set(classes) - set(split_classes))
@@ -227,34 +173,11 @@ def load_imagefolder(cfg) -> Source:
                 raise UserError(f"data.root={cfg.root}: {name}/ and train/ must hold the same class folders ({diff}); "
                                 f"rename or add folders so they match")
     on_bad_image = getattr(cfg, "on_bad_image", "error") or "error"
-
-    # decode once; cache keyed by the file list, their sizes and mtimes, and the image size
-    # (and data.on_bad_image=skip: a cache of a tree with bad images left out must not serve error mode)
-    key = hashlib.sha1(repr((str(root), cfg.image_size, [
-        (str(p), p.stat().st_size, p.stat().st_mtime_ns) for fs in splits.values() for p, _ in fs
-    ], *(["skip"] if on_bad_image == "skip" else []))).encode()).hexdigest()[:16]
-    cache = Path(os.path.expanduser(cfg.cache_dir)) / f"imagefolder-{root.name}-{key}.pt"
-    if cache.exists():
-        decoded = torch.load(cache, weights_only=True)
-        if "skipped" in decoded:
-            log.warning("data.on_bad_image=skip: skipped %d unreadable image(s) under %s (as cached)",
-                        int(decoded["skipped"]["count"]), root)
-    else:
-        decoded, skipped = {}, []
-        for name, files in splits.items():
-            split, left_out = _decode(files, cfg.image_size, on_bad_image)
-            decoded[name] = vars(split)
-            skipped += left_out
-        if skipped:
-            log.warning("data.on_bad_image=skip: skipped %d unreadable image(s) under %s (first: %s)",
-                        len(skipped), root, skipped[0])
-            decoded["skipped"] = {"count": torch.tensor(len(skipped))}
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        torch.save(decoded, tmp)
-        os.replace(tmp, cache)
-    get = lambda name: Split(**decoded[name]) if name in decoded else None  # noqa: E731
-    return Source(get("train"), get("val"), get("test"), classes)
+    cache = mapped.open_or_build(root, splits, cfg.image_size, on_bad_image, Path(os.path.expanduser(cfg.cache_dir)),
+                                 mapped.worker_count(getattr(cfg, "num_workers", None)))
+    in_memory = mapped.resolve_in_memory(getattr(cfg, "in_memory", "auto"), cache.nbytes, cache.path)
+    splits = [cache.split(name, in_memory) for name in ("train", "val", "test")]
+    return Source(*(Split(*split) if split else None for split in splits), classes)
 
 
 SOURCES = {"digits": load_digits, "synthetic": load_synthetic, "imagefolder": load_imagefolder,
