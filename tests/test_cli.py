@@ -255,7 +255,8 @@ def test_unknown_task_is_hydras_error_before_any_directory(tmp_path, run_cli):
     assert proc.returncode != 0
     assert "Could not find 'task/nosuchtask'" in proc.stdout
     listed = proc.stdout.split("Available options in 'task':")[1].split("Config search path")[0].split()
-    assert set(listed) == {"train", "summary", "sanity", "gradcheck", "lr_find", "augviz"}, proc.stdout
+    assert set(listed) == {"train", "summary", "sanity", "gradcheck", "lr_find", "augviz", "evaluate", "predict",
+                           "export", "ensemble", "search"}, proc.stdout
     assert not (tmp_path / "outputs").exists()
 
 
@@ -302,6 +303,10 @@ def test_multirun_makes_one_named_run_per_combination(sweep_run):
             assert read_summary(sweep / name)["epochs"] == 1
     assert not list(outputs.glob("2*"))  # nothing outside the sweep dir but the log dir's HPARAMS experiment
     assert {p.name for p in outputs.iterdir()} == {sweep.name, "reference"}
+    # the sweep's results table (cvtrain/sweeps.py), written and printed at its end: one row per trial
+    rows = (sweep / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4 and "best_val_acc" in rows[0]
+    assert "sweep: 4 trial(s), best validation accuracy first" in sweep_run.output
 
 
 # --- resume ---------------------------------------------------------------------------------------

@@ -18,7 +18,9 @@ from cvtrain.models import build_model, list_models, model_kind
 from cvtrain.optim import OPTIMIZERS, SCHEDULES, Schedule, build_optimizer, build_scheduler
 
 CONFIG_DIR = importlib.resources.files("cvtrain.configs")
-GROUPS = sorted(d.name for d in CONFIG_DIR.iterdir() if d.is_dir() and not d.name.startswith("__"))
+# cvtrain's groups; hydra/ holds options of Hydra's own groups (hydra/launcher/slurm.yaml)
+GROUPS = sorted(d.name for d in CONFIG_DIR.iterdir()
+                if d.is_dir() and not d.name.startswith("__") and d.name != "hydra")
 OPTIONS = {group: sorted(f.name.removesuffix(".yaml") for f in (CONFIG_DIR / group).iterdir()
                          if f.name.endswith(".yaml"))
            for group in GROUPS}

@@ -140,11 +140,12 @@ def test_unknown_variant_is_refused(name):
 @pytest.mark.parametrize("name", list_models())
 def test_config_lists_every_option_with_its_default(name):
     """configs/model/<name>.yaml = name + the builder's options at the builder's defaults
-    (+ init: native, bias_init: 0.0 for a trained model; a fitted one has no init)."""
+    (+ init: native, bias_init: 0.0, pretrained: null, freeze: null for a trained model; a fitted one has none)."""
     node = OmegaConf.to_container(OmegaConf.load(str(CONFIG_DIR / f"{name}.yaml")))
     assert node.pop("name") == name
     if model_kind(name) == "trained":
         assert (node.pop("init"), node.pop("bias_init")) == ("native", 0.0)  # applied by models.build_model
+        assert (node.pop("pretrained"), node.pop("freeze")) == (None, None)  # applied by task=train (models/transfer.py)
     params = inspect.signature(_MODELS[name]).parameters
     defaults = {k: list(p.default) if isinstance(p.default, tuple) else p.default
                 for k, p in params.items() if k not in ("in_shape", "num_classes")}

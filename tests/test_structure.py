@@ -13,7 +13,8 @@ SRC = Path(cvtrain.__file__).parent
 TASKS_DIR = SRC / "tasks"
 CONFIG_TASKS = Path(__file__).parents[1] / "configs" / "task"
 # imported inside functions on purpose: matplotlib is heavy and only needed to draw (viz.py imports it)
-LAZY_OK = ("matplotlib", "cvtrain.viz")
+# optuna: the extra [search], imported when task=search runs (without it the task says how to install it)
+LAZY_OK = ("matplotlib", "cvtrain.viz", "optuna")
 
 
 def module_name(path: Path) -> str:
@@ -73,7 +74,8 @@ def test_every_task_config_has_a_task_module_with_run():
     from cvtrain.__main__ import TASKS
 
     options = {p.stem for p in CONFIG_TASKS.glob("*.yaml")}
-    assert options == set(TASKS) == {"train", "summary", "sanity", "gradcheck", "lr_find", "augviz"}
+    assert options == set(TASKS) == {"train", "summary", "sanity", "gradcheck", "lr_find", "augviz", "ensemble",
+                                        "evaluate", "predict", "export", "search"}
     for name, run in TASKS.items():
         assert run.__name__ == "run" and run.__module__ == f"cvtrain.tasks.{name}"
     assert (TASKS_DIR / "knn.py").is_file()  # fitted models: the train task hands them over
@@ -157,4 +159,5 @@ def test_run_dir_names_say_the_task_and_skip_an_unused_optimizer():
     assert run_name("summary", "digits", "lenet", "lenet", "adam", "none") == "summary_digits_lenet"
     assert run_name("lr_find", "digits", "svm", "linear", "sgd", "none") == "lr_find_digits_svm_sgd"
     assert run_name("augviz", "cifar10", "lenet", "lenet", "adam", "strong") == "augviz_cifar10_strong"
+    assert run_name("evaluate", "digits", "lenet", "lenet", "adam", "none") == "evaluate"  # the checkpoint's, not these
     assert run_name("train", "digits", "lenet", "lenet", "sgd", "none", "sweep") == "lenet_sgd"  # <sweep>/<n>_lenet_sgd

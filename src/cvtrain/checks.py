@@ -7,6 +7,7 @@ check_config(cfg) runs them all on the composed config; the builders run their g
     check_types(group, name, options)    argument types against the option files' (configs/<group>/*.yaml)
     check_optim / check_sched / check_loss / check_model_values
                                          value ranges of one group's options (a plain dict without `name`)
+    check_averaging(trainer_cfg)         trainer.ema, trainer.select, trainer.keep_snapshots
 
 The builders (build_optimizer, build_scheduler, build_loss, build_model, load_data) call their group's
 checks first thing, so code that does not go through check_config still fails before building. A leaf:
@@ -18,6 +19,7 @@ import importlib.resources
 import inspect
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import fields
 from typing import Callable, Optional
 
@@ -125,6 +127,9 @@ def _show(value) -> str:
     return str(value)
 
 
+AUTO_KEYS = {("model", "knn", "k"), ("model", "knn", "distance")}  # may be `auto`: chosen on val (tasks/knn.py)
+
+
 def check_types(group: str, name: str, options: dict, target: Optional[Callable] = None) -> None:
     """A UserError for an argument whose value is not of the type its option file gives it (or, for an
     argument no option file sets, the type of `target`'s default): `optim.lr=abc`, `model.hidden_sizes=512`.
@@ -144,7 +149,7 @@ def check_types(group: str, name: str, options: dict, target: Optional[Callable]
     for key, value in options.items():
         sample = samples.get(key)
         kind = _kind(sample)
-        if kind is None:
+        if kind is None or (value == "auto" and (group, name, key) in AUTO_KEYS):
             continue
         if kind == "int" and (key not in params or params[key].annotation is not int):
             kind = "number"  # an integer in the option file, but only an `int` annotation insists on one
@@ -232,6 +237,12 @@ def check_sched(name: str, options: dict, epochs: Optional[int] = None, warn: bo
     for key in ("patience", "cooldown", "threshold"):
         if _number(options.get(key)):
             _require(options[key] >= 0, f"sched.{key}", options[key], "must be >= 0")
+    if _number(options.get("cycle_epochs")):  # cosine_restarts
+        _require(options["cycle_epochs"] > 0, "sched.cycle_epochs", options["cycle_epochs"],
+                 "the epochs of the first cycle: must be positive (like 5)")
+    if _number(options.get("cycle_mult")):
+        _require(options["cycle_mult"] >= 1, "sched.cycle_mult", options["cycle_mult"],
+                 "each cycle is this many times as long as the one before: must be >= 1 (1: equal cycles; SGDR: 2)")
     milestones = options.get("milestones")
     if isinstance(milestones, (list, tuple)):
         _require(all(_number(m) and m > 0 for m in milestones), "sched.milestones", milestones,
@@ -272,6 +283,26 @@ def check_model_values(name: str, options: dict) -> None:
             _require(options[key] >= least, f"model.{key}", options[key], f"must be at least {least}")
 
 
+SELECT = ("raw", "ema", "best")  # trainer.select
+
+
+def check_averaging(trainer_cfg) -> None:
+    """trainer.ema in [0, 1) (0: off), trainer.select raw | ema | best (ema and best need trainer.ema),
+    trainer.keep_snapshots >= 0 (whether the schedule has that many cycles: optim.snapshot_epochs)."""
+    ema = config_value(trainer_cfg, "ema", 0.0)
+    _require(_number(ema) and math.isfinite(ema) and 0 <= ema < 1, "trainer.ema", ema,
+             "the decay of the moving average of the weights: must be in [0, 1) (like 0.999; 0: off)")
+    select = config_value(trainer_cfg, "select", "raw")
+    _require(select in SELECT, "trainer.select", select,
+             "choose raw (best.pt keeps the trained weights), ema (the moving average's) or best (the better of "
+             "the two at each epoch)")
+    _require(select == "raw" or ema > 0, "trainer.select", select,
+             "needs the moving average of the weights: set trainer.ema (like trainer.ema=0.999)")
+    keep = config_value(trainer_cfg, "keep_snapshots", 0)
+    _require(isinstance(keep, int) and keep >= 0, "trainer.keep_snapshots", keep,
+             "the schedule cycles whose ends are kept as checkpoints/snapshot-<cycle>.pt: 0 (none) or more")
+
+
 # --- data -------------------------------------------------------------------------------------------
 
 TORCHVISION_SOURCES = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn")
@@ -282,10 +313,12 @@ SOURCE_KEYS = {
     "image_size": ("imagefolder", "synthetic"),
     "cache_dir": ("imagefolder",),
     "on_bad_image": ("imagefolder",),
+    "num_workers": ("imagefolder",),
     **{key: ("synthetic",) for key in ("channels", "num_classes", "num_samples", "num_test", "noise")},
 }
 KNOWN_SOURCES = ("digits", "synthetic", "imagefolder", *TORCHVISION_SOURCES)
 BAD_IMAGE = ("error", "skip")
+IN_MEMORY = ("auto", "true", "false")  # data/mapped.py resolves them
 
 
 def config_value(node, key, default=None):
@@ -296,8 +329,9 @@ def config_value(node, key, default=None):
 
 
 def check_data(data_cfg) -> None:
-    """data.*: batch sizes >= 1, val_fraction in (0, 1), on_bad_image, and a key the chosen source does not
-    read set away from its default (`data.root=... data=digits` would train on the digits silently)."""
+    """data.*: batch sizes >= 1, val_fraction in (0, 1), on_bad_image, in_memory, num_workers >= 0, and a key
+    the chosen source does not read set away from its default (`data.root=... data=digits` would train on the
+    digits silently)."""
     for key in ("batch_size", "eval_batch_size"):
         value = config_value(data_cfg, key)
         if value is not None:
@@ -309,6 +343,23 @@ def check_data(data_cfg) -> None:
                  "the share of the training images held out for validation: must be between 0 and 1 (like 0.1)")
     bad = config_value(data_cfg, "on_bad_image", "error")
     _require(bad in BAD_IMAGE, "data.on_bad_image", bad, "use error (stop at the first unreadable image) or skip")
+    in_memory = config_value(data_cfg, "in_memory", "auto")
+    _require(str(in_memory).lower() in IN_MEMORY, "data.in_memory", in_memory,
+             "choose one of auto (in memory when the decoded images take at most half the available memory), "
+             "true (in memory) or false (memory-mapped in data.cache_dir, read a batch at a time)")
+    workers = config_value(data_cfg, "num_workers")
+    if workers is not None:
+        _require(workers >= 0, "data.num_workers", workers,
+                 "worker processes that decode and read the images: 0 (none: the main process) or more, "
+                 "or null (min(8, CPUs))")
+    most = config_value(data_cfg, "max_per_class")
+    if most is not None:
+        _require(isinstance(most, int) and most >= 1, "data.max_per_class", most,
+                 "training images per class: an integer >= 1 (like 100), or null (all)")
+    kept = config_value(data_cfg, "classes")
+    if kept is not None:  # the names and indices themselves are checked against the data (data/subset.py)
+        _require(isinstance(kept, Sequence) and not isinstance(kept, str) and len(kept) >= 1, "data.classes", kept,
+                 "the classes to keep: a list of class names or indices (like [5,6,7,8,9]), or null (all)")
     noise = config_value(data_cfg, "noise")
     if source == "synthetic" and noise is not None:
         _require(math.isfinite(noise) and noise >= 0, "data.noise", noise, "must be a finite number >= 0")

@@ -38,9 +38,20 @@ class DataConfig:
     placement: str = "auto"  # auto | device | host; on the CPU all three are the same
     val_fraction: float = 0.1  # carved from train (stratified) when the source has no val split
     split_seed: int = 0  # fixes the validation split independently of trainer.seed
+    # a subset of every split, taken after the validation split (src/cvtrain/data/subset.py): the classes kept, by
+    # name or index, labeled 0..k-1 in the order given (null: all); at most max_per_class training images per class,
+    # a random choice seeded by data.split_seed (null: all; val and test are never capped)
+    classes: Optional[list[Any]] = None
+    max_per_class: Optional[int] = None
     # imagefolder: resize (shorter side) + center-crop to this side, needed when sizes differ; synthetic: the side
     image_size: Optional[int] = None
-    cache_dir: str = "~/.cache/cvtrain"  # imagefolder: decoded tensors, keyed by the files, sizes and mtimes
+    cache_dir: str = "~/.cache/cvtrain"  # imagefolder: the decoded images (a uint8 file), keyed by the files, sizes, mtimes
+    # imagefolder: true keeps the decoded images in memory; false leaves them memory-mapped in data.cache_dir, read a
+    # batch at a time (datasets larger than memory; the same batches); auto: in memory when they take at most half
+    # the available memory. The other sources are always in memory (false says so in the log)
+    in_memory: str = "auto"  # auto | true | false
+    num_workers: Optional[int] = None  # imagefolder: processes decoding into the cache and reading mapped batches;
+    # null: min(8, CPUs); 0: none (all in the main process)
     on_bad_image: str = "error"  # imagefolder: error (stop, naming the file) | skip (leave it out, with a warning)
     # fitted on the training split only, stored in checkpoints (src/cvtrain/data/preprocess.py):
     preprocess: str = "standardize"  # standardize | channel_mean | mean_image | pca_whiten | zca_whiten
@@ -120,8 +131,40 @@ class TrainerConfig:
     tta: str = "none"  # test-time augmentation of validation/test: none | flip | flip_translate
     lookahead_every: int = 0  # Lookahead weight averaging every k optimizer steps (0: off)
     lookahead_alpha: float = 0.5  # the slow weights' step toward the fast ones at the end (from 1.0 at the start)
+    # an exponential moving average of the weights (src/cvtrain/ema.py), evaluated each epoch beside them
+    ema: float = 0.0  # its decay per optimizer step, in [0, 1), e.g. 0.999 (0: off); warm-up for short runs
+    select: str = "raw"  # the weights best.pt keeps: raw | ema (the EMA's val acc decides) | best (the better each epoch)
+    keep_snapshots: int = 0  # checkpoints/snapshot-<cycle>.pt at the ends of the last N cycles of sched=cosine_restarts
     # several processes (torchrun, src/cvtrain/distributed.py)
     sync_bn: bool = False  # batch norm statistics over the global batch (SyncBatchNorm; CUDA only, ignored on the CPU)
+
+
+@dataclass
+class SearchConfig:
+    """task=search (src/cvtrain/tasks/search.py): hyperparameter search on Optuna. The space comes from the
+    group `search` (configs/search/*.yaml: search=lr_reg, task=search's default); the rest are settings."""
+    # config key (nested or dotted) -> range: [low, high] (uniform), [low, high, log] (log-uniform),
+    # {low, high, log, step, type: int|float} or {choices: [...]}
+    space: dict[str, Any] = field(default_factory=dict)
+    n_trials: int = 20  # trials in all, counting every worker's (a killed trial is redone, not counted)
+    sampler: str = "random"  # random (the course's: independent draws) | tpe (Optuna's TPE) | grid
+    grid_points: int = 3  # sampler=grid: values per range (log-spaced for a log range), or a range's choices
+    pruner: str = "median"  # median | halving (successive halving) | none: stop hopeless trials after an epoch
+    prune_startup_trials: int = 2  # median: no pruning before this many trials completed
+    prune_warmup_epochs: int = 0  # median: no pruning before this epoch of a trial
+    seed: Optional[int] = 0  # the draws (per trial number); null: different ones each time
+    # null: <search dir>/study.log (an Optuna journal file); a path (.db / .sqlite: SQLite), or a database URL
+    # (sqlite:///..., postgresql://...): workers on several machines share it
+    storage: Optional[str] = None
+    study_name: Optional[str] = None  # null: search (with stages: search-stage1, search-stage2, ...)
+    # coarse-to-fine: a list of {trials, epochs}, e.g. [{trials:12,epochs:2},{trials:6,epochs:8}]; each stage's
+    # ranges span the best top_fraction of the previous stage's trials, widened by margin of the range on each side
+    stages: Optional[list[Any]] = None
+    top_fraction: float = 0.25
+    margin: float = 0.1
+    edge_fraction: float = 0.1  # a warning when the best value lies in the outer 10% of its range (log axis for log)
+    stale_after_s: float = 3600.0  # a running trial of another machine without a heartbeat (each epoch) this long: failed
+    plots: bool = True  # plots/history.png, importances.png, params.png
 
 
 @dataclass
@@ -135,15 +178,20 @@ class Config:
     loss: Any = None
     optim: Any = None
     sched: Any = None
+    # task=evaluate | predict | export (cvtrain/trained.py): a run dir (its checkpoints/best.pt) or a checkpoint file
+    checkpoint: Optional[str] = None
+    # task=predict: an image, a folder (searched recursively), a glob ('photos/*.jpg', quoted), or a list of them
+    inputs: Any = None
+    search: Optional[SearchConfig] = None  # task=search only: its settings and space (configs/search/)
 
 
 # Config keys that do not change what is learned, or repeat a group's choice: not hyperparameters,
 # neither in TensorBoard's HPARAMS tab (monitor.run_hparams) nor as columns of scripts/compare_runs.py.
 NOT_HPARAMS = {"task", "data.name", "data.root", "data.download", "data.cache_dir", "data.on_bad_image",
-               "data.eval_batch_size", "data.placement", "trainer.channels_last", "trainer.compile",
+               "data.eval_batch_size", "data.placement", "data.in_memory", "data.num_workers", "trainer.channels_last", "trainer.compile",
                "trainer.compile_mode", "trainer.cudnn_benchmark", "trainer.tf32",
                "trainer.progress", "trainer.log_every", "trainer.checkpoint", "trainer.resume", "trainer.sanity",
-               "trainer.checkpoint_every_steps", "trainer.keep_checkpoints",
+               "trainer.checkpoint_every_steps", "trainer.keep_checkpoints", "trainer.keep_snapshots",
                "trainer.monitor_every", "trainer.histogram_every", "trainer.explode_factor", "trainer.viz"}
 SYNTHETIC_ONLY = {"data.channels", "data.num_classes", "data.num_samples", "data.num_test", "data.noise"}
 

@@ -125,6 +125,23 @@ def evaluate(model: nn.Module, loader, loss_fn: Callable, speed=None, tta: str =
     return total_loss.item() / n, correct.item() / n
 
 
+def predict(model: nn.Module, loader, speed=None, tta: str = "none") -> torch.Tensor:
+    """The scores of `model` (eval mode, torch.inference_mode) for every image of the loader, in its order:
+    (images, classes), float32, on the loader's device; with `tta` the weighted sum of the views' scores
+    (tta_views), as evaluate() computes them. task=ensemble turns them into probabilities."""
+    model.eval()
+    outs = []
+    with torch.inference_mode():
+        for x, _ in loader:
+            out = 0
+            for weight, view in tta_views(x, tta):
+                with speed.autocast() if speed else nullcontext():
+                    scores = model(speed.layout(view) if speed else view)
+                out = out + weight * scores.float()
+            outs.append(out)
+    return torch.cat(outs)
+
+
 class Lookahead:
     """Lookahead weight averaging (Zhang et al. 2019; airbench94's form), trainer.lookahead_every = k:
     after every k-th optimizer step the slow weights move a fraction alpha toward the trained (fast)

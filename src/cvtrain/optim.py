@@ -4,7 +4,10 @@ An `optim` config names a torch.optim class in OPTIMIZERS (`name: adam`); its ot
 that class's arguments, plus keys of ours (OWN_KEYS) that build_optimizer takes itself:
 `decay_norm_and_bias` (false puts biases and normalization parameters in a param group without
 weight decay), `norm_and_bias_lr_scale` (default 1.0: off; airbench's bias_scaler 64 gives
-those parameters their own param group at 64x the lr; see param_groups) and `scale_lr`
+those parameters their own param group at 64x the lr; see param_groups), `head_lr_mult` (default
+1.0: off; another value gives the head, the model's final classifier layer (models/transfer.py
+model_head), its own param group(s) at that multiple of the lr: fine-tuning a pretrained model with a
+low lr and a new head at a higher one) and `scale_lr`
 (none | linear: optim.lr times the number of processes, the linear scaling rule for the global
 batch of a distributed run; the caller passes the factor, lr_factor, so build_optimizer needs no
 knowledge of the processes).
@@ -32,10 +35,12 @@ import math
 from typing import Callable
 
 import torch
+from omegaconf import OmegaConf
 
 from cvtrain import UserError
 from cvtrain.config import check_arguments, named_choice
 from cvtrain.checks import check_optim, check_sched, check_types
+from cvtrain.models.transfer import model_head
 
 # ---------------------------------------------------------------------------------------------
 # Optimizers
@@ -45,7 +50,8 @@ NORM_LAYERS = (torch.nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNor
                torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.RMSNorm, torch.nn.LocalResponseNorm)
 
 
-OWN_KEYS = ("decay_norm_and_bias", "norm_and_bias_lr_scale", "scale_lr")  # optim keys build_optimizer takes itself
+# optim keys build_optimizer takes itself
+OWN_KEYS = ("decay_norm_and_bias", "norm_and_bias_lr_scale", "head_lr_mult", "scale_lr")
 SCALE_LR = ("none", "linear")
 
 
@@ -66,7 +72,8 @@ def lr_factor(optim_cfg, world_size: int) -> float:
 
 
 def param_groups(model: torch.nn.Module, decay_norm_and_bias: bool, norm_and_bias_lr_scale: float = 1.0,
-                 lr: float | None = None, weight_decay: float = 0.0) -> list:
+                 lr: float | None = None, weight_decay: float = 0.0, head: torch.nn.Module | None = None,
+                 head_lr_mult: float = 1.0) -> list:
     """The trainable parameters (requires_grad: a frozen one is in no group) as optimizer param groups.
 
     "Norm and bias" parameters: biases, every other 1-D parameter (PReLU slopes, ...) and all
@@ -83,6 +90,10 @@ def param_groups(model: torch.nn.Module, decay_norm_and_bias: bool, norm_and_bia
     lr, if any (weight_decay 0 unless decay_norm_and_bias); the scaled group. A module whose attribute
     `keep_base_lr` is true keeps its parameters out of the scale (airbench's whitening conv: airbench
     scales the BatchNorm biases only). `lr` and `weight_decay` are the optimizer's (needed when s != 1).
+
+    With head_lr_mult m != 1, the parameters of module `head` (the final classifier layer) leave their
+    groups for groups of their own, appended in the same order, at m times that group's lr (the same
+    weight_decay): m * lr for the head's weight, m * lr (or m * s * lr) for its bias. m = 1 changes nothing.
     """
     scaled = norm_and_bias_lr_scale != 1
     if scaled and lr is None:
@@ -104,7 +115,22 @@ def param_groups(model: torch.nn.Module, decay_norm_and_bias: bool, norm_and_bia
     if boosted:
         groups.append({"params": boosted, "lr": lr * norm_and_bias_lr_scale,
                        "weight_decay": weight_decay / norm_and_bias_lr_scale if decay_norm_and_bias else 0.0})
+    if head_lr_mult != 1 and head is not None:
+        if lr is None:
+            raise ValueError("param_groups: head_lr_mult != 1 needs the base lr")
+        in_head = {id(p) for p in head.parameters()}
+        heads = [{**group, "params": [p for p in group["params"] if id(p) in in_head],
+                  "lr": group.get("lr", lr) * head_lr_mult} for group in groups]
+        groups = [{**group, "params": [p for p in group["params"] if id(p) not in in_head]} for group in groups]
+        groups = [group for group in groups + heads if group["params"]]
     return groups
+
+
+def check_lr_factor(key: str, value, what: str) -> float:
+    """optim.norm_and_bias_lr_scale, optim.head_lr_mult: a positive finite number, else a UserError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise UserError(f"optim.{key}={value!r}: {what} must be a positive number (1.0: off)")
+    return float(value)
 
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "rmsprop": torch.optim.RMSprop,
@@ -132,13 +158,16 @@ def build_optimizer(optim_cfg, model: torch.nn.Module, lr_factor: float = 1.0) -
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
         raise UserError(f"optim.norm_and_bias_lr_scale={scale!r}: the lr factor of the biases and normalization "
                         "parameters must be a positive number (1.0: off; airbench uses 64)")
+    head_lr_mult = check_lr_factor("head_lr_mult", options.pop("head_lr_mult", 1.0), "the lr factor of the head")
     check_arguments("optim", name, cls, options, passed=("params",), own=OWN_KEYS)
     check_types("optim", name, options, cls)
     check_optim(name, options)
     if lr_factor != 1:
         options["lr"] = _default(cls, "lr", options) * lr_factor
+    head = model_head(model)[1] if head_lr_mult != 1 else None  # the final classifier layer
     groups = param_groups(model, decay_norm_and_bias, float(scale), lr=_default(cls, "lr", options),
-                          weight_decay=_default(cls, "weight_decay", options) or 0.0)
+                          weight_decay=_default(cls, "weight_decay", options) or 0.0, head=head,
+                          head_lr_mult=head_lr_mult)
     return cls(groups, **options)
 
 
@@ -332,6 +361,72 @@ def cosine_schedule(optimizer, epochs: int, steps_per_epoch: int, warmup_epochs:
     return Schedule(optimizer, cosine, steps_per_epoch, warmup_epochs, interval)
 
 
+def cycle_ends(cycle_epochs: float, cycle_mult: float, span: float) -> list[float]:
+    """The ends of the complete cycles of sched=cosine_restarts within `span` epochs after the warmup:
+    cycle i lasts cycle_epochs * cycle_mult**i epochs."""
+    _check_cycles(cycle_epochs, cycle_mult)
+    ends, end, length = [], 0.0, float(cycle_epochs)
+    while end + length <= span + 1e-9:
+        end += length
+        ends.append(end)
+        length *= cycle_mult
+    return ends
+
+
+def _check_cycles(cycle_epochs: float, cycle_mult: float) -> None:
+    if not (cycle_epochs > 0 and cycle_mult >= 1):
+        raise UserError(f"sched.cycle_epochs={cycle_epochs} must be positive and sched.cycle_mult={cycle_mult} "
+                        ">= 1 (like 5 and 1)")
+
+
+def cosine_restarts_schedule(optimizer, epochs: int, steps_per_epoch: int, cycle_epochs: float, cycle_mult: float,
+                             min_lr_ratio: float, warmup_epochs: float, interval: str) -> Schedule:
+    """SGDR (Loshchilov & Hutter 2017, "SGDR: Stochastic Gradient Descent with Warm Restarts"): cosine
+    decay from 1 to min_lr_ratio over each cycle, then a warm restart at 1. Cycle i lasts
+    T_i = cycle_epochs * cycle_mult**i epochs; with t_i the time in the current cycle,
+    min_lr_ratio + (1 - min_lr_ratio) * (1 + cos(pi * t_i / T_i)) / 2. The ends of the cycles are where
+    trainer.keep_snapshots takes its snapshots (Huang et al. 2017, "Snapshot Ensembles")."""
+    _check_cycles(cycle_epochs, cycle_mult)
+
+    def restarts(t):
+        start, length = 0.0, float(cycle_epochs)
+        while t >= start + length - 1e-9:  # a restart at the exact step the cycle ends
+            start += length
+            length *= cycle_mult
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * (t - start) / length))
+    return Schedule(optimizer, restarts, steps_per_epoch, warmup_epochs, interval)
+
+
+def snapshot_epochs(sched_cfg, epochs: int, keep: int) -> dict:
+    """trainer.keep_snapshots=N: {epoch: cycle} for the ends of the last N complete cycles of the
+    schedule (epochs counted from the start of the run, the cycles from 1), where fit() saves
+    checkpoints/snapshot-<cycle>.pt; {} for N = 0. A UserError, before any work, when the schedule has no
+    cycles, fewer than N, or cycles that do not end at an epoch's end (snapshots are taken there)."""
+    if not keep:
+        return {}
+    options = OmegaConf.to_container(sched_cfg, resolve=True) if OmegaConf.is_config(sched_cfg) else dict(sched_cfg)
+    name = options.get("name")
+    if name != "cosine_restarts":
+        raise UserError(f"trainer.keep_snapshots={keep}: snapshots are taken at the ends of the schedule's cycles, and "
+                        f"sched={name} has no cycles; use sched=cosine_restarts (warm restarts), e.g. "
+                        f"sched=cosine_restarts sched.cycle_epochs={max(1, epochs // keep)}")
+    warmup = options.get("warmup_epochs", 0) or 0
+    ends = [warmup + end for end in cycle_ends(options["cycle_epochs"], options["cycle_mult"], epochs - warmup)]
+    if len(ends) < keep:
+        raise UserError(f"trainer.keep_snapshots={keep}: trainer.epochs={epochs} holds {len(ends)} complete cycle(s) "
+                        f"of sched.cycle_epochs={options['cycle_epochs']} (sched.cycle_mult={options['cycle_mult']}"
+                        f"{f', after sched.warmup_epochs={warmup}' if warmup else ''}); lower trainer.keep_snapshots, "
+                        "shorten sched.cycle_epochs or raise trainer.epochs")
+    kept = {i + 1: end for i, end in enumerate(ends)}
+    kept = dict(list(kept.items())[-keep:])
+    odd = [end for end in kept.values() if abs(end - round(end)) > 1e-6]
+    if odd:
+        raise UserError(f"trainer.keep_snapshots={keep}: the cycles end at epoch {odd[0]:g}, inside an epoch, and "
+                        "snapshots are taken at epoch ends; use whole numbers for sched.cycle_epochs, "
+                        "sched.cycle_mult and sched.warmup_epochs")
+    return {round(end): cycle for cycle, end in kept.items()}
+
+
 def plateau_schedule(optimizer, epochs: int, steps_per_epoch: int, monitor: str, factor: float, patience: int,
                      threshold: float, cooldown: int, min_lr_ratio: float, warmup_epochs: float,
                      interval: str) -> Schedule:
@@ -342,4 +437,5 @@ def plateau_schedule(optimizer, epochs: int, steps_per_epoch: int, monitor: str,
 
 SCHEDULES = {"constant": constant_schedule, "step": step_schedule, "multistep": multistep_schedule,
              "exponential": exponential_schedule, "inverse_time": inverse_time_schedule,
-             "cosine": cosine_schedule, "plateau": plateau_schedule, "triangle": triangle_schedule}
+             "cosine": cosine_schedule, "plateau": plateau_schedule, "triangle": triangle_schedule,
+             "cosine_restarts": cosine_restarts_schedule}

@@ -313,9 +313,9 @@ def figure_to_tensor(fig) -> torch.Tensor:
     return torch.from_numpy(rgba[..., :3].copy()).permute(2, 0, 1).float().div_(255)
 
 
-def confusion_figure(counts: torch.Tensor, classes) -> torch.Tensor:
+def confusion_figure(counts: torch.Tensor, classes, split: str = "validation") -> torch.Tensor:
     """The confusion matrix as an image (3, H, W): color = fraction of the true class (row),
-    numbers = counts (up to 20 classes), class names on the axes (up to 40)."""
+    numbers = counts (up to 20 classes), class names on the axes (up to 40); `split` starts the title."""
     k = len(classes)
     fig = _figure()
     side = min(max(4.0, 0.45 * k + 2), 16.0)
@@ -336,7 +336,7 @@ def confusion_figure(counts: torch.Tensor, classes) -> torch.Tensor:
                             color="white" if rows[i, j] > 0.5 else "black")
     total = int(counts.sum())
     ax.set(xlabel="predicted", ylabel="true",
-           title=f"validation: {int(counts.trace())} of {total} correct ({counts.trace() / max(total, 1):.2%})")
+           title=f"{split}: {int(counts.trace())} of {total} correct ({counts.trace() / max(total, 1):.2%})")
     fig.tight_layout()
     return figure_to_tensor(fig)
 

@@ -24,6 +24,15 @@ monitors measure (activation hooks) run the model uncompiled. A model with `init
 data-dependent init such as airbench's patch-whitening layer) gets the preprocessed training images
 before the first step. trainer.lookahead_every: loop.Lookahead after each step.
 
+Weight averaging (cvtrain/ema.py): trainer.ema=<decay> keeps an exponential moving average of the
+weights (state.ema, updated after each step, after Lookahead); fit() evaluates it on val beside the
+trained ("raw") weights every epoch (metrics.jsonl ema_val_loss / ema_val_acc, TensorBoard val/ema_*),
+checkpoints hold it ("ema": a resume continues the average exactly), and trainer.select decides what
+best.pt keeps: raw (the default), ema (the EMA's val acc decides, best.pt's "model" holds its weights,
+"raw_model" the trained ones) or best (the better of the two at each epoch); summary.json says which
+(best_weights). trainer.keep_snapshots=N (sched=cosine_restarts): checkpoints/snapshot-<cycle>.pt at the
+ends of the last N cycles (optim.snapshot_epochs), for task=ensemble.
+
 Several processes (torchrun --nproc_per_node=N -m cvtrain ...; cvtrain/distributed.py: state.world):
 the model is wrapped in DistributedDataParallel, which averages the gradients of every step over the
 processes. state.net is what the training steps call (DDP(model), compiled with trainer.compile),
@@ -65,13 +74,16 @@ from cvtrain import Interrupted, TrainingDiverged, UserError, distributed
 from cvtrain.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from cvtrain.data import BatchAugment, InMemoryLoader, epoch_seed, load_data
 from cvtrain.data.augment import BatchMix, mix_generator
+from cvtrain.checks import check_averaging
 from cvtrain.device import resolve_device
+from cvtrain.ema import EMA
 from cvtrain.loop import Lookahead, TTA, evaluate, training_step
 from cvtrain.losses import Regularizer, build_loss
 from cvtrain.models import build_model, model_kind
+from cvtrain.models.transfer import prepare as prepare_transfer
 from cvtrain.hparams import run_hparams
 from cvtrain.monitor import Deferred, NoLogger, RunLogger, TrainingMonitor, write_summary
-from cvtrain.optim import build_optimizer, build_scheduler, lr_factor
+from cvtrain.optim import build_optimizer, build_scheduler, lr_factor, snapshot_epochs
 from cvtrain.speed import Speed, resolve_speed, warm_up
 from cvtrain.resume import command_line_keys, find_resume, resume_command, resumed_config
 from cvtrain.tasks import knn
@@ -100,6 +112,11 @@ class TrainState:
     eval_net: Any = None  # what evaluation calls: net in one process, the plain model in several
     world: distributed.World = field(default_factory=distributed.World)  # this process's rank, the processes
     lookahead: Any = None  # loop.Lookahead with trainer.lookahead_every > 0
+    ema: Any = None  # ema.EMA with trainer.ema > 0: the moving average of the weights
+    ema_val_acc: float = math.nan  # the EMA's, of the last epoch
+    best_ema_val_acc: float = -1.0
+    best_weights: str = "raw"  # what best.pt holds (trainer.select): the trained weights (raw) or the EMA's
+    snapshots: dict = field(default_factory=dict)  # trainer.keep_snapshots: {epoch: cycle} (optim.snapshot_epochs)
     compile_time_s: float = 0.0
     logger: RunLogger = None
     monitor: TrainingMonitor = None
@@ -118,6 +135,9 @@ class TrainState:
     stop_signal: Any = None  # SIGINT / SIGTERM received: stop after the current step
     signal_received: Any = None  # several processes: a signal of this one; all stop at the next flush (_flush)
     handlers: dict = field(default_factory=dict)  # the signal handlers setup() replaced
+    # called as on_epoch(epoch, val_acc) after each epoch's validation and checkpoints (task=search: the
+    # pruner); raising StopRun from it ends the run with summary.json status StopRun.status ("pruned")
+    on_epoch: Any = None
 
     @property
     def params(self) -> int:
@@ -149,6 +169,8 @@ def setup(cfg, run_dir: Path) -> TrainState:
     if cfg.trainer.lookahead_every < 0 or not 0 < cfg.trainer.lookahead_alpha <= 1:
         raise UserError(f"trainer.lookahead_every={cfg.trainer.lookahead_every} must be >= 0 (0: off) and "
                         f"trainer.lookahead_alpha={cfg.trainer.lookahead_alpha} in (0, 1]")
+    check_averaging(cfg.trainer)  # trainer.ema, select, keep_snapshots
+    snapshots = snapshot_epochs(cfg.sched, cfg.trainer.epochs, cfg.trainer.keep_snapshots)
     speed = resolve_speed(cfg.trainer, device)  # checks the speed options before any data is loaded
     torch.manual_seed(cfg.trainer.seed)
     augment = BatchAugment(cfg.aug)  # checks the aug values before any data is loaded
@@ -168,6 +190,7 @@ def setup(cfg, run_dir: Path) -> TrainState:
         else:
             log.info("note: trainer.sync_bn is ignored on the CPU (gloo has no SyncBatchNorm kernels); each process "
                      "normalizes over its own batch")
+    prepare_transfer(model, cfg.model, data, fresh=not resume)  # model.pretrained (a fresh start), model.freeze
     optimizer = build_optimizer(cfg.optim, model, lr_factor(cfg.optim, world.size))  # optim.scale_lr
     train_loader = InMemoryLoader(data.train, cfg.data.batch_size, device=device, shuffle=True,
                                   preprocess=data.preprocess,  # applied after augmentation
@@ -184,6 +207,9 @@ def setup(cfg, run_dir: Path) -> TrainState:
     if cfg.trainer.lookahead_every > 0:
         state.lookahead = Lookahead(model, cfg.trainer.lookahead_every, cfg.trainer.lookahead_alpha,
                                     cfg.trainer.epochs * len(train_loader))
+    if cfg.trainer.ema > 0:  # of the weights as they are now (a resume restores its own average)
+        state.ema = EMA(model, cfg.trainer.ema)
+    state.snapshots = snapshots
     if resume:
         _restore(state, resume)
     _distribute(state)
@@ -234,24 +260,60 @@ def fit(state: TrainState) -> None:
                                            cfg.trainer.tta, across_ranks=state.world.size > 1)
         state.scheduler.step_epoch(val_loss, state.val_acc)  # epoch-interval schedules and sched=plateau
         state.epoch = epoch + 1
+        if state.ema:  # the moving average of the weights, evaluated as the model is (rank 0's buffers)
+            distributed.broadcast_(list(state.ema.module.buffers()))
+            ema_val_loss, state.ema_val_acc = evaluate(state.ema.module, state.val_loader, state.loss_fn, state.speed,
+                                                       cfg.trainer.tta, across_ranks=state.world.size > 1)
 
         record = {"epoch": state.epoch, "step": state.step, "train_loss": train_loss, "train_acc": train_acc,
                   "val_loss": val_loss, "val_acc": state.val_acc, "lr": state.optimizer.param_groups[0]["lr"],
                   "epoch_time_s": epoch_time}
-        state.logger.scalars({"train/acc": train_acc, "val/loss": val_loss, "val/acc": state.val_acc}, state.step)
+        scalars = {"train/acc": train_acc, "val/loss": val_loss, "val/acc": state.val_acc}
+        if state.ema:
+            record.update(ema_val_loss=ema_val_loss, ema_val_acc=state.ema_val_acc)
+            scalars.update({"val/ema_loss": ema_val_loss, "val/ema_acc": state.ema_val_acc})
+        state.logger.scalars(scalars, state.step)
         state.logger.epoch_record(record)
-        log.info("epoch %d/%d  train loss %.4f acc %.2f%% | val loss %.4f acc %.2f%% | lr %.3g | %.1fs",
+        log.info("epoch %d/%d  train loss %.4f acc %.2f%% | val loss %.4f acc %.2f%% | lr %.3g | %.1fs%s",
                  state.epoch, cfg.trainer.epochs, train_loss, 100 * train_acc, val_loss, 100 * state.val_acc,
-                 record["lr"], epoch_time)
+                 record["lr"], epoch_time, f" | EMA val loss {ema_val_loss:.4f} acc {100 * state.ema_val_acc:.2f}%"
+                 if state.ema else "")
 
-        improved = state.val_acc > state.best_val_acc
-        if improved:
-            state.best_val_acc, state.best_epoch = state.val_acc, state.epoch
+        improved, weights = _select(state)
         if cfg.trainer.checkpoint and state.world.rank == 0:  # at an epoch's end: no totals to add up
             checkpoint = checkpoint_state(state)
             save_checkpoint(state.run_dir / "checkpoints" / "last.pt", checkpoint)
             if improved:
-                save_checkpoint(state.run_dir / "checkpoints" / "best.pt", checkpoint)
+                save_checkpoint(state.run_dir / "checkpoints" / "best.pt",
+                                _with_ema_weights(state, checkpoint) if weights == "ema" else checkpoint)
+        if state.epoch in state.snapshots and state.world.rank == 0:  # trainer.keep_snapshots: a cycle ended
+            save_checkpoint(state.run_dir / "checkpoints" / f"snapshot-{state.snapshots[state.epoch]}.pt",
+                            checkpoint_state(state))
+        if state.on_epoch is not None:
+            state.on_epoch(state.epoch, state.val_acc)
+
+
+def _select(state: TrainState) -> tuple[bool, str]:
+    """trainer.select after an epoch's validation: (a new best?, whose weights: raw | ema). raw: the
+    trained weights' val acc decides (without trainer.ema, the only choice); ema: the moving average's;
+    best: the better of the two at this epoch (raw on a tie). Updates best_val_acc, best_epoch and
+    best_weights (what best.pt holds) on a new best."""
+    if state.ema:
+        state.best_ema_val_acc = max(state.best_ema_val_acc, state.ema_val_acc)
+    select = state.cfg.trainer.select
+    use_ema = state.ema is not None and (select == "ema" or (select == "best" and state.ema_val_acc > state.val_acc))
+    acc, weights = (state.ema_val_acc, "ema") if use_ema else (state.val_acc, "raw")
+    improved = acc > state.best_val_acc
+    if improved:
+        state.best_val_acc, state.best_epoch, state.best_weights = acc, state.epoch, weights
+    return improved, weights
+
+
+def _with_ema_weights(state: TrainState, checkpoint: dict) -> dict:
+    """best.pt when the EMA's weights are the best (trainer.select): "model" holds them (what the test
+    split, the visualizations and task=ensemble use), "raw_model" the trained weights (what a resume
+    from this file continues training), "weights" says which is which."""
+    return {**checkpoint, "model": state.ema.state_dict()["model"], "raw_model": checkpoint["model"], "weights": "ema"}
 
 
 def train_one_epoch(state: TrainState, desc: str):
@@ -289,6 +351,8 @@ def train_one_epoch(state: TrainState, desc: str):
                                 monitor=state.monitor, step=state.step, speed=state.speed)
             if state.lookahead:
                 state.lookahead.after_step(model, state.step + 1)
+            if state.ema:
+                state.ema.update()
             state.scheduler.step_batch()
             pending.add(out, lr)
             total_loss += out.loss * len(out.labels)
@@ -416,6 +480,8 @@ def checkpoint_state(state: TrainState) -> dict:
             "initial_loss": state.monitor.loss_guard.initial if state.monitor else None,
             "scaler": state.speed.scaler.state_dict() if state.speed.scaler else None,  # precision=16
             "lookahead": state.lookahead.state_dict() if state.lookahead else None,
+            **({"ema": state.ema.state_dict(), "best_ema_val_acc": state.best_ema_val_acc,  # trainer.ema
+                "best_weights": state.best_weights} if state.ema else {}),
             "config": OmegaConf.to_container(state.cfg, resolve=True),
             "data": {"mean": data.mean, "std": data.std, "preprocess": data.preprocess.state_dict(),
                      "classes": list(data.classes), "shape": list(data.shape)}}
@@ -433,6 +499,10 @@ def finish(state: TrainState) -> dict:
                "params": state.params, "device": str(state.device), "precision": _precision(state.speed),
                "world_size": state.world.size, "global_batch_size": cfg.data.batch_size * state.world.size,
                **({"compile_time_s": round(state.compile_time_s, 3)} if state.speed.compile else {}),
+               **({"ema_decay": state.ema.decay, "select": cfg.trainer.select, "best_weights": state.best_weights,
+                   "final_ema_val_acc": state.ema_val_acc, "best_ema_val_acc": state.best_ema_val_acc}
+                  if state.ema else {}),
+               **({"snapshots": sorted(state.snapshots.values())} if state.snapshots else {}),
                **state.monitor.summary()}
     if state.world.rank > 0:
         return summary
@@ -454,15 +524,25 @@ def finish(state: TrainState) -> dict:
     return summary
 
 
-def train(cfg, run_dir: Path) -> dict:
+class StopRun(Exception):
+    """Raised by TrainState.on_epoch to end a run after an epoch (task=search's pruner: status "pruned")."""
+
+    def __init__(self, reason: str, status: str = "stopped"):
+        super().__init__(reason)
+        self.status = status
+
+
+def train(cfg, run_dir: Path, on_epoch=None) -> dict:
     """setup -> fit -> finish; returns the summary. A diverged run (TrainingDiverged) keeps its last
-    good checkpoint and writes a summary.json with status "diverged" before the error goes on."""
+    good checkpoint and writes a summary.json with status "diverged" before the error goes on; so does a
+    run that `on_epoch` (TrainState.on_epoch) stopped with StopRun, with the StopRun's status."""
     state = setup(cfg, run_dir)
+    state.on_epoch = on_epoch
     try:
         fit(state)
         return finish(state)
-    except TrainingDiverged as err:
-        summary = {"status": "diverged", "reason": str(err), "epochs": state.epoch,
+    except (TrainingDiverged, StopRun) as err:
+        summary = {"status": getattr(err, "status", "diverged"), "reason": str(err), "epochs": state.epoch,
                    "best_val_acc": state.best_val_acc if state.best_epoch else None, "best_epoch": state.best_epoch,
                    "params": state.params, "device": str(state.device), **state.monitor.summary()}
         state.logger.summary(summary, state.step)
@@ -549,7 +629,7 @@ def _restore(state: TrainState, saved: dict) -> None:
                         f"{'; same names, another order' if not only_saved and not only_now else ''}); resume on "
                         "the data it was trained on")
     try:
-        state.model.load_state_dict(saved["model"])
+        state.model.load_state_dict(saved.get("raw_model", saved["model"]))  # best.pt of trainer.select=ema: both
     except RuntimeError as err:
         raise UserError(f"trainer.resume: the checkpoint's weights do not fit this model on this data "
                         f"(trained on images {saved['data']['shape']}): {str(err).splitlines()[-1].strip()}") from None
@@ -583,6 +663,15 @@ def _restore(state: TrainState, saved: dict) -> None:
         state.speed.scaler.load_state_dict(saved["scaler"])
     if state.lookahead is not None and saved.get("lookahead"):
         state.lookahead.load_state_dict(saved["lookahead"])
+    if state.ema is not None:  # trainer.ema: the average continues exactly, or starts at the restored weights
+        if saved.get("ema"):
+            state.ema.load_state_dict(saved["ema"])
+        else:
+            state.ema.reset()
+            log.info("trainer.ema=%g: the checkpoint holds no moving average; it starts from the resumed weights",
+                     state.ema.decay)
+        state.best_ema_val_acc = saved.get("best_ema_val_acc", -1.0)
+        state.best_weights = saved.get("best_weights", "raw")
     state.epoch, state.step = saved["epoch"], saved["step"]
     state.best_val_acc, state.best_epoch = saved["best_val_acc"], saved["best_epoch"]
     if state.batch:
@@ -646,11 +735,12 @@ def _precision(speed: Speed) -> str:
 
 
 def _carry_best_checkpoint(resume_path: Path, run_dir: Path) -> None:
-    """A resumed run dir starts with the best checkpoint so far, so it is complete on its own."""
-    best = resume_path.parent / "best.pt"
-    if best.is_file() and best.resolve() != (run_dir / "checkpoints" / "best.pt").resolve():
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        shutil.copy2(best, run_dir / "checkpoints" / "best.pt")
+    """A resumed run dir starts with the best checkpoint so far (and the snapshots, trainer.keep_snapshots),
+    so it is complete on its own."""
+    for best in [resume_path.parent / "best.pt", *sorted(resume_path.parent.glob("snapshot-*.pt"))]:
+        if best.is_file() and best.resolve() != (run_dir / "checkpoints" / best.name).resolve():
+            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            shutil.copy2(best, run_dir / "checkpoints" / best.name)
 
 
 def _load_best(state: TrainState) -> str:
@@ -658,9 +748,13 @@ def _load_best(state: TrainState) -> str:
     visualizations); returns which weights it now holds: "best", or "final" without checkpoints."""
     best = state.run_dir / "checkpoints" / "best.pt"
     if not (state.cfg.trainer.checkpoint and best.exists()):
+        if state.ema is not None and state.best_weights == "ema":  # trainer.select chose the moving average
+            state.model.load_state_dict(state.ema.module.state_dict())
+            return "final EMA"
         return "final"
-    state.model.load_state_dict(load_checkpoint(best, map_location=state.device)["model"])
-    return "best"
+    saved = load_checkpoint(best, map_location=state.device)
+    state.model.load_state_dict(saved["model"])
+    return "best EMA" if saved.get("weights") == "ema" else "best"
 
 
 def _visualize(state: TrainState, weights: str) -> None:
