@@ -6,6 +6,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+import cvtrain.data.decode as decode
 import cvtrain.data.sources as sources
 from cvtrain import UserError
 from cvtrain.config import AugConfig, DataConfig
@@ -210,7 +211,7 @@ def test_imagefolder_cache_is_written_and_reused(tmp_path, monkeypatch):
     def no_decoding(*args):
         raise AssertionError("decoded again although the cache is valid")
 
-    monkeypatch.setattr(sources, "_decode", no_decoding)
+    monkeypatch.setattr(decode, "decode", no_decoding)
     again = load_data(imagefolder_config(tmp_path, root))
     assert torch.equal(again.train.images, first.train.images)
     assert torch.equal(again.test.labels, first.test.labels)

@@ -110,11 +110,7 @@ def evaluate(model: nn.Module, loader, loss_fn: Callable, speed=None, tta: str =
     correct = torch.zeros((), device=loader.labels.device, dtype=torch.long)
     with torch.inference_mode():
         for x, y in loader:
-            out = 0
-            for weight, view in tta_views(x, tta):
-                with speed.autocast() if speed else nullcontext():
-                    scores = model(speed.layout(view) if speed else view)
-                out = out + weight * scores.float()
+            out = scores_of(model, x, speed, tta)
             total_loss += loss_fn(out, y) * len(y)
             correct += (out.argmax(1) == y).sum()
     n = len(loader.labels)
@@ -130,16 +126,19 @@ def predict(model: nn.Module, loader, speed=None, tta: str = "none") -> torch.Te
     (images, classes), float32, on the loader's device; with `tta` the weighted sum of the views' scores
     (tta_views), as evaluate() computes them. task=ensemble turns them into probabilities."""
     model.eval()
-    outs = []
     with torch.inference_mode():
-        for x, _ in loader:
-            out = 0
-            for weight, view in tta_views(x, tta):
-                with speed.autocast() if speed else nullcontext():
-                    scores = model(speed.layout(view) if speed else view)
-                out = out + weight * scores.float()
-            outs.append(out)
-    return torch.cat(outs)
+        return torch.cat([scores_of(model, x, speed, tta) for x, _ in loader])
+
+
+def scores_of(model: nn.Module, x: torch.Tensor, speed=None, tta: str = "none") -> torch.Tensor:
+    """The float32 scores of `model` for the batch `x` under `speed`'s precision and layout; with `tta`
+    the weighted sum of the views' scores (tta_views). The caller sets eval mode and inference_mode."""
+    out = 0
+    for weight, view in tta_views(x, tta):
+        with speed.autocast() if speed else nullcontext():
+            scores = model(speed.layout(view) if speed else view)
+        out = out + weight * scores.float()
+    return out
 
 
 class Lookahead:

@@ -34,7 +34,7 @@ from cvtrain import UserError
 from cvtrain.config import DataConfig
 from cvtrain.data import InMemoryLoader, Split, load_data
 from cvtrain.device import resolve_device
-from cvtrain.loop import TTA, tta_views
+from cvtrain.loop import TTA, predict
 from cvtrain.losses import build_loss
 from cvtrain.metrics import report
 from cvtrain.resume import command_line_keys
@@ -117,17 +117,9 @@ def collect_scores(trained: TrainedModel, split: Split, batch_size: int, device,
     preprocessing, then the model under `speed`'s precision and layout, the views of `tta` averaged
     (as loop.evaluate does during training)."""
     loader = InMemoryLoader(split, batch_size, device=device, preprocess=trained.preprocess, placement=placement)
-    net = speed.prepare(trained.model)
-    net.eval()
-    out = []
-    with torch.inference_mode():
-        for x, _ in loader:
-            scores = 0
-            for weight, view in tta_views(x, tta):
-                with speed.autocast():
-                    scores = scores + weight * net(speed.layout(view)).float()
-            out.append(scores.cpu())
-    return torch.cat(out) if out else torch.empty(0, trained.num_classes)
+    if not len(loader):
+        return torch.empty(0, trained.num_classes)
+    return predict(speed.prepare(trained.model), loader, speed, tta).cpu()
 
 
 def reliability_figure(bins: list, ece: float, title: str) -> torch.Tensor:
