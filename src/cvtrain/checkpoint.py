@@ -51,6 +51,18 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (signal 0 checks without sending anything): the
+    clean-ups after killed processes use it (data/mapped.py's builds, task=search's trials)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
 def save_checkpoint(path: Path, state: dict, durable: bool = True) -> None:
     """Write to a temporary file in the same directory, flush + fsync it, os.replace it over `path`,
     fsync the directory: a crash never leaves a half-written or lost checkpoint at `path`.

@@ -39,6 +39,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from cvtrain import UserError
+from cvtrain.checkpoint import process_alive
 from cvtrain.checks import IN_MEMORY
 from cvtrain.data import decode
 
@@ -275,18 +276,8 @@ def _remove_abandoned(path: Path) -> None:
     """The temporary folders of killed builds of `path` on this host (their process is gone)."""
     for tmp in path.parent.glob(f"{path.name}.tmp-{socket.gethostname()}-*"):
         pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # --- the worker processes ------------------------------------------------------------------------------------

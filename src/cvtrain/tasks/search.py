@@ -69,6 +69,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from cvtrain import Interrupted, TrainingDiverged, UserError
+from cvtrain.checkpoint import process_alive
 from cvtrain.config import SearchConfig
 from cvtrain.models import model_kind
 from cvtrain.monitor import write_summary
@@ -443,13 +444,7 @@ def counted(trials) -> list:
 def _alive(pid) -> bool:
     if not isinstance(pid, int) or pid == os.getpid():  # our own pid on a trial we do not run: reused
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return process_alive(pid)
 
 
 def fail_stale(study, search_dir: Path, stale_after_s: float) -> list:
