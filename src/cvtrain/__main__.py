@@ -229,10 +229,7 @@ def _launched_trials(argv: list) -> list:
     """The trials of this process's sweep (-m) that a launcher ran in other processes: the records in its
     sweep dir (hydra.sweep.dir on the command line, or the one claimed here) with this sweep's stamp,
     in job order, as (run dir, status, reason)."""
-    if not _is_sweep(argv):
-        return []
-    given = [a.lstrip("+").split("=", 1)[1] for a in argv if a.lstrip("+").startswith("hydra.sweep.dir=")]
-    sweep_dir = given[-1].strip("'\"") if given else (SWEEP_DIRS[-1] if SWEEP_DIRS else None)
+    sweep_dir = sweeps.sweep_dir_of(argv, SWEEP_DIRS)
     if sweep_dir is None:
         return []
     stamp, trials = _sweep_stamp(Path(sweep_dir)), []
@@ -244,10 +241,6 @@ def _launched_trials(argv: list) -> list:
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return [trial for _, trial in sorted(trials)]
-
-
-def _is_sweep(argv: list) -> bool:
-    return any(a in ("-m", "--multirun") or a.startswith("hydra.mode=MULTIRUN") for a in argv)
 
 
 def _join_job_tasks() -> bool:
@@ -333,7 +326,7 @@ def _join_processes(argv: list) -> distributed.World:
     (-m) under torchrun is an error (exit status 2) before any work: each trial would be a run of all of them."""
     try:
         world = distributed.from_env()
-        if world.size > 1 and any(a in ("-m", "--multirun") or a.startswith("hydra.mode=MULTIRUN") for a in argv):
+        if world.size > 1 and sweeps.is_sweep(argv):
             if world.rank == 0:  # one line, not one per process
                 print("error: a sweep (-m / --multirun) cannot run under torchrun: run the sweep without torchrun, "
                       "or start one torchrun per setting", file=sys.stderr)

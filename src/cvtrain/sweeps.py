@@ -99,10 +99,15 @@ def write_sweep_results(sweep_dir) -> tuple:
     return path, format_table([k for k in columns if k != "run_dir"], shown, right=right)
 
 
+def is_sweep(argv: list) -> bool:
+    """Whether a command line runs a sweep (-m, --multirun, hydra.mode=MULTIRUN)."""
+    return any(a in ("-m", "--multirun") or a.startswith("hydra.mode=MULTIRUN") for a in argv)
+
+
 def sweep_dir_of(argv: list, claimed=()) -> Optional[Path]:
     """The sweep dir of a command line with -m: hydra.sweep.dir when given, else the one this process
     claimed (__main__.SWEEP_DIRS); None for a command that is not a sweep."""
-    if not any(a in ("-m", "--multirun") or a.startswith("hydra.mode=MULTIRUN") for a in argv):
+    if not is_sweep(argv):
         return None
     given = [a.lstrip("+").split("=", 1)[1] for a in argv if a.lstrip("+").startswith("hydra.sweep.dir=")]
     if given:
