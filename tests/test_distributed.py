@@ -37,7 +37,10 @@ LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT
 
 
 def env() -> dict:
-    clean = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    """This process's environment without a launcher's variables around it (a CI job under torchrun, SLURM or
+    submitit): the runs started here see only their own. Also used by test_launchers.py and test_elastic.py."""
+    clean = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS
+             and not k.startswith(("SLURM_", "SUBMITIT_", "TORCHELASTIC_", "TORCH_DISABLE_SHARE_RDZV"))}
     return {**clean, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
 
 

@@ -74,14 +74,9 @@ def test_several_machines_that_may_restart_need_torchruns_opt_out():
 
 # --- end to end: torchrun agents on this machine ----------------------------------------------------
 
-def launcher_env(**extra) -> dict:
-    clean = {k: v for k, v in env().items() if not k.startswith(("TORCHELASTIC_", "TORCH_DISABLE_SHARE"))}
-    return {**clean, **extra}
-
-
 def agent(cwd, args, *torchrun_flags, env_extra=None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *torchrun_flags, "-m", "cvtrain", *args],
-                            cwd=cwd, env=launcher_env(**(env_extra or {})), stdout=subprocess.PIPE,
+                            cwd=cwd, env={**env(), **(env_extra or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 

@@ -25,28 +25,11 @@ pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason='the slurm e
 pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason='the joblib extra: pip install -e ".[joblib]"')
 
 import cvtrain.__main__ as cli  # noqa: E402  (after the skips: it needs nothing of them, the tests do)
+from test_distributed import env, single, summary  # noqa: E402
 
 TINY = ["data=synthetic", "data.num_samples=256", "data.image_size=8", "trainer.epochs=1", "trainer.viz=false"]
 SUBMITIT = ["-m", "hydra/launcher=submitit_local"]
 JOBLIB = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
-# the variables of a launcher around this test process (a CI job under SLURM or submitit): not the runs'
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SUBMITIT_EXECUTOR")
-
-
-def env() -> dict:
-    clean = {k: v for k, v in os.environ.items()
-             if k not in LAUNCHER_VARS and not k.startswith(("SLURM_", "SUBMITIT_", "TORCHELASTIC_"))}
-    return {**clean, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
-
-
-def cvtrain_cli(args, cwd, timeout=240) -> subprocess.CompletedProcess:
-    """`python -m cvtrain *args` in cwd; stderr merged into stdout."""
-    return subprocess.run([sys.executable, "-m", "cvtrain", *map(str, args)], cwd=cwd, env=env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
-
-
-def summary(run_dir) -> dict:
-    return json.loads((Path(run_dir) / "summary.json").read_text())
 
 
 def the_sweep_dir(cwd) -> Path:
@@ -92,7 +75,7 @@ def sweeps(tmp_path_factory):
         cwd = tmp_path_factory.mktemp(name)
         launcher, args = SWEEPS[name]
         sweep_dir = [] if name in ("submitit", "joblib") else [f"hydra.sweep.dir={cwd / 'sweep'}"]
-        return SimpleNamespace(proc=cvtrain_cli([*launcher, *TINY, *args, *sweep_dir], cwd), cwd=cwd)
+        return SimpleNamespace(proc=single([*launcher, *TINY, *args, *sweep_dir], cwd, timeout=240), cwd=cwd)
 
     def get(*names):
         todo = [name for name in names if name not in done]

@@ -26,12 +26,12 @@ class DataBundle:
     val: Split
     test: Optional[Split]
     classes: list
-    mean: torch.Tensor  # per channel, on [0, 1] pixels, from the training split only
-    std: torch.Tensor
+    mean: Optional[torch.Tensor]  # per channel, on [0, 1] pixels, from the training split only (None: fit=False)
+    std: Optional[torch.Tensor]
     preprocess: Optional[Preprocessor] = None  # data.preprocess, fitted on the training split only
 
     def __post_init__(self):
-        if self.preprocess is None:
+        if self.preprocess is None and self.mean is not None:
             self.preprocess = Preprocessor.standardize(self.mean, self.std)
 
     @property
@@ -57,9 +57,11 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int):
     return torch.nonzero(keep).flatten(), val
 
 
-def load_data(data_cfg, device=None, need_test: bool = False) -> DataBundle:
+def load_data(data_cfg, device=None, need_test: bool = False, fit: bool = True) -> DataBundle:
     """The configured splits, with data.preprocess fitted on the training split (on `device`, default CPU).
-    `need_test` (trainer.test=true): a source without a test split is an error now, before any training."""
+    `need_test` (trainer.test=true): a source without a test split is an error now, before any training.
+    fit=False: the splits only (preprocess, mean and std None), for the tasks that apply a checkpoint's own
+    fitted preprocessing (evaluate, ensemble, export): no pass over the training images."""
     check_data(data_cfg)  # batch sizes, val_fraction, keys the source does not read: before any loading
     preprocess = Preprocessor(data_cfg.preprocess, data_cfg.whiten_eps)
     if data_cfg.name not in SOURCES:
@@ -80,6 +82,8 @@ def load_data(data_cfg, device=None, need_test: bool = False) -> DataBundle:
             raise UserError(f"data.val_fraction={data_cfg.val_fraction} leaves no validation images; raise it")
         train, val = train.subset(train_idx), train.subset(val_idx)  # memory-mapped: views of the map, no copy
     train, val, source = take_subset(data_cfg, train, val, source)  # data.classes, data.max_per_class
+    if not fit:
+        return DataBundle(train, val, source.test, source.classes, None, None, None)
     preprocess.fit(train.images, device=device)
     # per-channel mean/std always: checkpoints and scripts/benchmark.py's plain loop read them
     mean, std = (preprocess.stats["mean"], preprocess.stats["std"]) if preprocess.method == "standardize" \

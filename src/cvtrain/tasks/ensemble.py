@@ -240,7 +240,7 @@ def run(cfg, run_dir: Path) -> float:
     members = [load_trained(path, "cpu") for path in paths]  # on the device one at a time, when evaluated
     check_members(members)
     data_cfg = data_config(cfg, OmegaConf.to_container(members[0].config.data, resolve=True))
-    data = load_data(data_cfg, device, need_test=cfg.trainer.test)
+    data = load_data(data_cfg, device, need_test=cfg.trainer.test, fit=False)  # each member's own preprocessing
     classes, shape = members[0].classes, members[0].shape
     if [str(c) for c in data.classes] != classes:
         raise UserError(f"task.members: data={data_cfg.name} has other classes than the members "

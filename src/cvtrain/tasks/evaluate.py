@@ -178,7 +178,7 @@ def run(cfg, run_dir: Path) -> float:
     speed = resolve_speed(trainer, device)
     log.info("evaluate: %s", trained.describe())
     data_cfg, own = data_config(cfg, trained, keys)
-    data = load_data(data_cfg, device, need_test=split == "test")
+    data = load_data(data_cfg, device, need_test=split == "test", fit=False)  # the checkpoint's preprocessing
     check_shape(data.shape, trained, data_cfg.name)
     mapping = class_mapping(data.classes, trained, data_cfg.name)
     images = {"val": data.val, "test": data.test, "train": data.train}[split]

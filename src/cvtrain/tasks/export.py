@@ -72,7 +72,7 @@ def validation_images(trained: TrainedModel, count: int) -> tuple:
         node = OmegaConf.merge(OmegaConf.structured(DataConfig),
                                {k: v for k, v in OmegaConf.to_container(trained.config.data, resolve=True).items()
                                 if k in DataConfig.__dataclass_fields__})
-        data = load_data(node)
+        data = load_data(node, fit=False)  # uint8 images: the checkpoint's preprocessing is folded in
         if tuple(data.shape) == tuple(trained.shape) and len(data.val):
             return data.val.images[:count], f"{len(data.val.images[:count])} validation images of data={node.name}"
     except UserError as err:
