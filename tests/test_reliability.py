@@ -19,6 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from cvtrain import UserError
 from cvtrain.checkpoint import load_checkpoint, save_checkpoint
+from cvtrain.monitor import drop_records_after
 
 TINY = ["data=synthetic", "data.num_samples=256", "data.image_size=8", "trainer.viz=false"]
 # exact: a constant lr, dropout and flips draw random numbers; 7 batches of 32 per epoch
@@ -181,8 +182,25 @@ def test_resume_auto_falls_back_past_a_damaged_checkpoint_and_takes_the_checkpoi
     assert_same_weights(weights(full_run), weights(run_dir))
     assert read_summary(run_dir)["status"] == "completed"
     records = (run_dir / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in records] == [1, 2, 3, 3]  # appended
+    # epoch 3's record of the first run came after step-20.pt: dropped on the resume, then written again
+    assert [json.loads(line)["epoch"] for line in records] == [1, 2, 3]
+    assert "dropped 1 record(s) written after epoch 2" in proc.stdout
+    # and TensorBoard hides the first run's events after step 20: one val/acc point per epoch
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/acc")] == [7, 14, 21]
     assert len(list(run_dir.glob("events.out.tfevents.*"))) == 2  # a second event file in the same dir
+
+
+def test_drop_records_after_keeps_earlier_epochs_and_drops_a_half_written_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 1, "val_acc": 0.5}\n{"epoch": 2, "val_acc": 0.6}\n{"epoch": 3, "val_acc": 0.7}\n'
+                    '{"epoch": 4, "va')
+    drop_records_after(path, 2)
+    assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [1, 2]
+    drop_records_after(path, 5)  # nothing to drop: left as it is
+    assert path.read_text().count("\n") == 2 and not (tmp_path / "metrics.jsonl.tmp").exists()
+    drop_records_after(tmp_path / "missing.jsonl", 1)  # a run dir without records yet
 
 
 def test_resume_auto_without_a_checkpoint_starts_fresh_with_a_note(tmp_path, run_cli):

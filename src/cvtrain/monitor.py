@@ -330,13 +330,43 @@ class NoLogger:
         pass
 
 
+def drop_records_after(path: Path, epoch: int) -> None:
+    """Rewrite metrics.jsonl at `path` (if any) without the records of epochs after `epoch` and without lines
+    that are not whole JSON records; atomically (a temporary file renamed over it), and only if it changes."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("epoch", 0) <= epoch:
+            kept.append(line)
+    if len(kept) == len(lines):
+        return
+    log.info("%s: dropped %d record(s) written after epoch %d (the checkpoint this run resumes from)",
+             path.name, len(lines) - len(kept), epoch)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
 class RunLogger:
     """One run's TensorBoard event file (directly in the run dir, so the run's name in TensorBoard is
     the run dir's path under the log dir) and metrics.jsonl; its HPARAMS session (cvtrain/hparams.py).
-    Inside a Hydra run it also rewrites the log dir's HPARAMS experiment, at the start and at close()."""
+    Inside a Hydra run it also rewrites the log dir's HPARAMS experiment, at the start and at close().
 
-    def __init__(self, run_dir: Path, hparams: dict):
-        self.writer = SummaryWriter(str(run_dir))
+    `resumed_at` (epoch, step) of the checkpoint a resumed run continues from: whatever the run dir recorded
+    after it (a process killed between an epoch's record and its checkpoint) is written again by the resumed
+    run, so metrics.jsonl drops its records of later epochs (and a half-written last line) and TensorBoard
+    hides the events after that step (SummaryWriter's purge_step): one record, one point per epoch and step."""
+
+    def __init__(self, run_dir: Path, hparams: dict, resumed_at: tuple[int, int] | None = None):
+        if resumed_at is not None:
+            drop_records_after(run_dir / "metrics.jsonl", resumed_at[0])
+        self.writer = SummaryWriter(str(run_dir), purge_step=None if resumed_at is None else resumed_at[1] + 1)
         self.writer.file_writer.add_summary(session_start(hparams))
         self.writer.add_custom_scalars({"babysitting": {
             "update/weight ratio, log10: the median over a run's weight tensors (healthy near -3)":

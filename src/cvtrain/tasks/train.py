@@ -218,7 +218,8 @@ def setup(cfg, run_dir: Path) -> TrainState:
                                        next(iter(state.val_loader))[0])
         log.info("torch.compile (mode %s): %.1f s, not counted in the training time", speed.compile_mode,
                  state.compile_time_s)
-    state.logger = RunLogger(run_dir, run_hparams(cfg)) if world.rank == 0 else NoLogger()  # rank 0 writes
+    resumed_at = (resume["epoch"], resume["step"]) if resume else None  # records after it are dropped
+    state.logger = RunLogger(run_dir, run_hparams(cfg), resumed_at) if world.rank == 0 else NoLogger()  # rank 0 writes
     state.monitor = TrainingMonitor(model, cfg.trainer, state.logger, measure=world.rank == 0)
     if resume and resume.get("initial_loss") is not None:  # the loss guard compares with the run's first loss,
         state.monitor.loss_guard.initial = resume["initial_loss"]  # not with the first one after the resume
