@@ -84,6 +84,17 @@ def test_native_init_is_airbenchs():
     torch.testing.assert_close(rows, torch.cat([torch.eye(12), -torch.eye(12)]))
 
 
+def test_fc_keeps_pytorchs_default_init_because_the_scores_are_scaled_by_one_ninth():
+    """airbench's head: PyTorch's Linear draw, U(-1/sqrt(256), 1/sqrt(256)) (rms 1/sqrt(3*256) = 0.036), not
+    shrunk: the output-layer rule bounds fc x 1/9 (rms 0.1/sqrt(256) allows fc up to 0.056). An init above
+    that bound (kaiming: sqrt(2/256) = 0.088) is scaled down to it."""
+    torch.manual_seed(0)
+    native = airbench_model().fc.weight
+    assert native.abs().max() <= 1 / 16 and native.square().mean().sqrt().item() == pytest.approx(0.036, rel=0.05)
+    kaiming = airbench_model(init="kaiming").fc.weight
+    assert kaiming.square().mean().sqrt().item() == pytest.approx(9 * 0.1 / 16, rel=1e-4)
+
+
 def test_too_small_inputs_and_bad_options_are_user_errors():
     with pytest.raises(UserError, match="needs images of at least 9x9.*model=mlp"):
         create_model("airbench", (3, 8, 8), 10)

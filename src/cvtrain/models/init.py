@@ -31,6 +31,9 @@ five times the scores of LeNet's 500). The small layer still learns from the fir
 gradient (p - y) h^T does not depend on its weights. The final layer is found by a shape-only forward
 pass on the meta device (no compute, no memory) when the input shape is known, otherwise as the last
 Conv/Linear registered in the model (the same layer for every model in the registry).
+A model whose scores are the output layer's times a fixed factor (attribute `score_scale`: airbench's
+1/9) has the bound on the product: the weight may be 1/score_scale times larger, so such a model keeps
+its own output init when that already gives small scores (airbench's PyTorch-default FC times 1/9).
 """
 import logging
 
@@ -84,15 +87,16 @@ def final_layer(model: nn.Module, in_shape=None) -> nn.Module | None:
     return called[-1] if called else layers[-1]
 
 
-def output_rms(layer: nn.Module) -> float:
-    """The largest root-mean-square the output layer's weight starts with: OUTPUT_GAIN / sqrt(fan_in)."""
-    return OUTPUT_GAIN / layer.weight[0].numel() ** 0.5
+def output_rms(layer: nn.Module, score_scale: float = 1.0) -> float:
+    """The largest root-mean-square the output layer's weight starts with: OUTPUT_GAIN / sqrt(fan_in), divided
+    by the fixed factor `score_scale` the model multiplies the layer's outputs by (see the module docstring)."""
+    return OUTPUT_GAIN / layer.weight[0].numel() ** 0.5 / score_scale
 
 
 @torch.no_grad()
-def shrink_output_layer(layer: nn.Module) -> None:
-    """Bias 0; the weight scaled down (never up) to a root-mean-square of at most output_rms(layer)."""
-    rms, current = output_rms(layer), layer.weight.square().mean().sqrt().item()
+def shrink_output_layer(layer: nn.Module, score_scale: float = 1.0) -> None:
+    """Bias 0; the weight scaled down (never up) to a root-mean-square of at most output_rms(layer, score_scale)."""
+    rms, current = output_rms(layer, score_scale), layer.weight.square().mean().sqrt().item()
     if current > rms:
         layer.weight.mul_(rms / current)
     if layer.bias is not None:
@@ -122,4 +126,4 @@ def init_weights(model: nn.Module, scheme: str = "native", bias_init: float = 0.
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
     if output is not None:
-        shrink_output_layer(output)
+        shrink_output_layer(output, float(getattr(model, "score_scale", 1.0)))

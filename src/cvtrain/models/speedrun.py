@@ -31,9 +31,10 @@ Layer names: whiten, act, block<n>.{conv1, pool, bn1, act1, conv2, bn2, act2}, p
 The GELUs are separate modules (airbench shares one per block), so each has its own activation tag.
 
 Initialization (model.init=native): airbench's, see native_init. The output-layer rule of models/init.py
-then shrinks fc (PyTorch's default Linear init would have rms 0.036; the rule caps it at 0.1/sqrt(256)):
-the first loss is ln C as for every model. An explicit model.init (kaiming, ...) also re-draws the
-whitening weights; init_from_data sets them again.
+bounds fc times the score scale (the model's `score_scale`, 1/9): fc may start at rms 9 * 0.1/sqrt(256) =
+0.056, so PyTorch's default Linear init (rms 0.036) stays as in airbench, and the first loss is ln C as for
+every model. An explicit model.init (kaiming: rms 0.088, shrunk to 0.056) also re-draws the whitening
+weights; init_from_data sets them again.
 
 The training recipe that goes with it (batch 1024, Nesterov SGD, 64x the lr on the BatchNorm biases,
 label smoothing 0.2, lookahead, test-time flips and shifts, the whitening bias frozen after 3 epochs) is
@@ -109,7 +110,7 @@ def dirac_conv_init(conv: nn.Conv2d) -> None:
 def native_init(model: "AirbenchNet") -> None:
     """model.init=native, airbench94's: every conv by dirac_conv_init (whose draw and identity filters the
     whitening weights then replace: identity-covariance whitening until init_from_data), BatchNorm weight 1
-    (frozen) and bias 0, fc PyTorch's default Linear init (then shrunk by the output-layer rule)."""
+    (frozen) and bias 0, fc PyTorch's default Linear init (within the output-layer rule's bound on fc x 1/9)."""
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             dirac_conv_init(module)
@@ -134,6 +135,7 @@ class AirbenchNet(nn.Sequential):
         layers.update([("pool", nn.AdaptiveMaxPool2d(1)), ("flatten", nn.Flatten()),
                        ("fc", nn.Linear(channels, num_classes, bias=False)), ("scale", Scale(SCORE_SCALE))])
         super().__init__(layers)
+        self.score_scale = SCORE_SCALE  # the output-layer rule of models/init.py bounds fc times this
         self.whiten_eps = whiten_eps
         self.whiten.weight.requires_grad_(False)  # frozen: set from the data, never trained
         self.whiten.keep_base_lr = True  # optim.norm_and_bias_lr_scale leaves its bias at the base lr (airbench)
