@@ -524,6 +524,48 @@ def test_loader_epochs_with_strong_aug_are_reproducible(compose_config):
     assert all(torch.equal(a[0], b[0]) and a[3] == b[3] for a, b in zip(*mixed))
 
 
+def _mirrored(run, images):
+    """{image index: True if the loader gave it mirrored, False if as it is} over one epoch's batches."""
+    seen = {}
+    for x, y in run:
+        for image, i in zip(x, y.tolist()):
+            original = images[i].float() / 255
+            assert torch.equal(image, original) or torch.equal(image, original.flip(-1))
+            seen[i] = not torch.equal(image, original)
+    return seen
+
+
+def test_alternate_flips_mirror_each_image_in_every_other_epoch():
+    n = 40
+    images = (rand(n, 3, 8, 8, seed=9) * 255).to(torch.uint8)  # random pixels: no image is its own mirror
+    run = _epochs(BatchAugment(aug(hflip=True, alternate_flips=True)), epochs=(0, 1, 2, 3), n=n)
+    flips = [_mirrored(run[e], images) for e in range(4)]
+    common = set.intersection(*(set(f) for f in flips))  # images in all four epochs (drop_last drops 8 a time)
+    assert len(common) >= 10
+    assert all(flips[1][i] != flips[0][i] and flips[2][i] == flips[0][i] != flips[3][i] for i in common)
+    assert 10 <= sum(flips[0].values()) <= 22  # epoch 0: a random half (of 32)
+    again = _epochs(BatchAugment(aug(hflip=True, alternate_flips=True)), epochs=(3,), n=n)  # resumed at epoch 3
+    assert _same(again[3], run[3])
+    # random flips: some images are seen the same way in two epochs in a row
+    plain = _epochs(BatchAugment(aug(hflip=True)), epochs=(0, 1), n=n)
+    random_flips = [_mirrored(plain[e], images) for e in (0, 1)]
+    assert any(random_flips[0][i] == random_flips[1][i] for i in set(random_flips[0]) & set(random_flips[1]))
+
+
+def test_alternate_flips_join_the_crop_and_need_hflip():
+    crop = BatchAugment(aug(hflip=True, alternate_flips=True, crop_padding=2, crop_padding_mode="reflect"))
+    x = rand(6, 3, 8, 8)
+    mirror = torch.tensor([True, False, True, True, False, False])
+    # the crop's windows come from the generator alone (the same draws); the mirror follows `hflip`
+    flipped, unflipped = crop(x, gen(), hflip=mirror), crop(x, gen(), hflip=torch.zeros(6, dtype=torch.bool))
+    assert not torch.equal(unflipped, x)  # cropped
+    assert torch.equal(flipped, torch.where(mirror.view(-1, 1, 1, 1), unflipped.flip(-1), unflipped))
+    no_crop = BatchAugment(aug(hflip=True, alternate_flips=True))
+    assert torch.equal(no_crop(x, gen(), hflip=mirror), torch.where(mirror.view(-1, 1, 1, 1), x.flip(-1), x))
+    with pytest.raises(UserError, match=r"^aug.alternate_flips=.*aug.hflip=true"):
+        BatchAugment(aug(alternate_flips=True))
+
+
 # --- task=augviz ----------------------------------------------------------------------------------
 
 def test_augmented_grid(compose_config):

@@ -69,6 +69,7 @@ class AugConfig:
     """Batched augmentation (src/cvtrain/data/augment.py); every default is off (aug=none)."""
     hflip: bool = False  # random horizontal flip (p = 1/2)
     vflip: bool = False  # random vertical flip (p = 1/2)
+    alternate_flips: bool = False  # with hflip: each image mirrored in every other epoch (airbench's altflip)
     crop_padding: int = 0  # random crop of the original size after padding by this many pixels
     crop_padding_mode: str = "zeros"  # zeros | reflect (mirror the border: airbench's "translate")
     resized_crop: bool = False  # random resized crop: a window of the area/aspect below, scaled to full size

@@ -14,7 +14,10 @@ BatchAugment runs on pixels in [0, 1] before preprocessing, in this order:
     resized_crop, rotation_degrees, translate, shear_degrees, stretch
                                 one affine warp: per-sample matrices, one F.affine_grid +
                                 F.grid_sample (bilinear, 0 outside the image)
-    hflip, vflip                exact mirrors, each with probability 1/2
+    hflip, vflip                exact mirrors, each with probability 1/2; with alternate_flips
+                                (airbench's "altflip") the loader decides hflip instead: a random
+                                half of the images mirrored in the first epoch, the other half in
+                                the next, and so on (see alternate_flips)
     brightness, contrast, saturation, hue
                                 color jitter, per sample, in that order (as torchvision's
                                 ColorJitter with factors in [1 - a, 1 + a], hue as a rotation
@@ -47,6 +50,7 @@ log = logging.getLogger("cvtrain")
 LUMA = (0.299, 0.587, 0.114)
 _YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 MIX_SEED_OFFSET = 1 << 40  # mix generators never share a seed with the loader's (data.loader.epoch_seed)
+FLIP_SEED_OFFSET = 1 << 41  # nor does the draw of alternate_flips' first epoch
 
 
 def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
@@ -77,6 +81,16 @@ def _coins(n: int, gen: torch.Generator) -> torch.Tensor:
 def _crop_offsets(n: int, padding: int, gen: torch.Generator) -> torch.Tensor:
     """(2, n) CPU draws: each image's window corner (dy, dx) in its padded copy, uniform in [0, 2 * padding]."""
     return torch.randint(0, 2 * padding + 1, (2, n), generator=gen)
+
+
+def alternate_flips(seed: int, n: int, epoch: int) -> torch.Tensor:
+    """aug.alternate_flips: which of the `n` images of a training split are mirrored in epoch `epoch`,
+    (n,) bool on the CPU. Epoch 0 mirrors a random half (drawn from `seed` alone: the same on every
+    process and after a resume), and each later epoch mirrors exactly the images the epoch before did
+    not. Every two epochs show each image both ways; with random flips half of the images are seen the
+    same way in two epochs in a row (Jordan 2024, airbench's "alternating flip")."""
+    first = _coins(n, torch.Generator().manual_seed(seed + FLIP_SEED_OFFSET))
+    return first ^ bool(epoch % 2)
 
 
 def _flip_some(x: torch.Tensor, flip: torch.Tensor, dim: int) -> torch.Tensor:
@@ -386,6 +400,8 @@ def _check(aug_cfg) -> None:
                 "mixup_alpha", "cutmix_alpha"):
         if value(key) < 0:
             bad(key, "must be >= 0 (0 turns it off)")
+    if getattr(aug_cfg, "alternate_flips", False) and not aug_cfg.hflip:
+        bad("alternate_flips", "alternates the horizontal flips: it needs aug.hflip=true")
     if not 0 <= aug_cfg.hue <= 0.5:
         bad("hue", "must be in [0, 0.5] (a fraction of a full turn of hue)")
     if not 0 <= aug_cfg.translate < 1:
@@ -413,6 +429,8 @@ class BatchAugment:
         self.affine = aug_cfg.resized_crop or aug_cfg.rotation_degrees > 0 or aug_cfg.translate > 0 or \
             aug_cfg.shear_degrees > 0 or list(aug_cfg.stretch) != [1, 1]
         self.jitter = any(getattr(aug_cfg, k) > 0 for k in ("brightness", "contrast", "saturation", "hue"))
+        # the loader passes each batch's hflip decisions (alternate_flips(seed, n, epoch)[batch's images])
+        self.alternate_flips = bool(aug_cfg.hflip and getattr(aug_cfg, "alternate_flips", False))
         self._warned = False
 
     def __bool__(self) -> bool:
@@ -420,20 +438,29 @@ class BatchAugment:
         return bool(c.hflip or c.vflip or c.crop_padding > 0 or self.affine or self.jitter or c.grayscale_p > 0
                     or c.pca_color_std > 0 or c.erasing_p > 0)
 
-    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def epoch_flips(self, seed: int, n: int, epoch: int) -> torch.Tensor | None:
+        """With alternate_flips, the (n,) hflip decisions of epoch `epoch` for the images of an n-image
+        training split (the loader indexes them with each batch's images); otherwise None."""
+        return alternate_flips(seed, n, epoch) if self.alternate_flips else None
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator, hflip: torch.Tensor = None) -> torch.Tensor:
+        """`hflip`: (B,) bool on the CPU, the images to mirror (alternate_flips); None: drawn from `gen`."""
         c = self.cfg
         hflip_done = False
+
+        def flips():
+            return hflip if hflip is not None else _coins(len(x), gen)
         if c.crop_padding > 0:
             offsets = _crop_offsets(len(x), c.crop_padding, gen)
             # with no warp in between, the flip joins the crop's gather (the same draws, in the same order)
-            flip = _coins(len(x), gen) if c.hflip and not self.affine else None
+            flip = flips() if c.hflip and not self.affine else None
             x = _crop(x, c.crop_padding, self.crop_mode, offsets, flip)
             hflip_done = flip is not None
         if self.affine:
             x = random_affine(x, gen, c.rotation_degrees, c.translate, c.shear_degrees, tuple(c.stretch),
                               tuple(c.resized_crop_scale) if c.resized_crop else None, tuple(c.resized_crop_ratio))
         if c.hflip and not hflip_done:
-            x = random_hflip(x, gen)
+            x = _flip_some(x, flips(), 3)
         if c.vflip:
             x = random_vflip(x, gen)
         if x.shape[1] != 3 and not self._warned and (

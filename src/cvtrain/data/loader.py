@@ -125,10 +125,13 @@ class InMemoryLoader:
             images = self._copied_ahead(order, spans)
         else:
             images = (self.images[rows(s)] for s in spans)
+        # aug.alternate_flips: the epoch's mirror of each image of the split, indexed by each batch's images
+        alternate = self.shuffle and hasattr(self.augment, "epoch_flips")
+        flips = self.augment.epoch_flips(self.seed, n, self.epoch) if alternate else None
         for span, x in zip(spans, images):
             x = x.float().div_(255)
             if self.augment:
-                x = self.augment(x, gen)
+                x = self.augment(x, gen) if flips is None else self.augment(x, gen, hflip=flips[order[span]])
             yield self.preprocess(x), self.labels[rows(span)]
 
     def _copied_ahead(self, order: torch.Tensor, spans: list):
