@@ -216,6 +216,45 @@ def test_scaled_group_holds_the_batchnorm_biases(compose_config):
     assert scaled["lr"] == pytest.approx(64 * cfg.optim.lr)
 
 
+def test_whitening_bias_trains_for_whiten_bias_epochs_then_freezes(compose_config):
+    """model.whiten_bias_epochs=2: the whitening bias in a group of its own at the lr (with the decay), whose lr
+    the schedule sets to 0 after 2 epochs (a resumed schedule too); the other parameters train on."""
+    x, y = correlated_images(n=8), torch.arange(8) % 10
+    model = airbench_model(whiten_bias_epochs=2)
+    cfg = compose_config(["optim=nesterov", "optim.weight_decay=0.01", "sched=cosine",
+                          "++optim.norm_and_bias_lr_scale=64"])
+    optimizer = build_optimizer(cfg.optim, model)
+    weights, scaled, whiten = optimizer.param_groups
+    assert [id(p) for p in whiten["params"]] == [id(model.whiten.bias)] and whiten["train_for_epochs"] == 2
+    assert whiten["lr"] == weights["lr"] and whiten["weight_decay"] == weights["weight_decay"] == 0.01
+    scheduler = build_scheduler(cfg.sched, optimizer, epochs=4, steps_per_epoch=2)
+    moved = []
+    for epoch in range(4):
+        for _ in range(2):
+            assert (whiten["lr"] > 0) == (epoch < 2) and weights["lr"] > 0
+            before = model.whiten.bias.detach().clone(), model.block1.conv1.weight.detach().clone()
+            optimizer.zero_grad()
+            F.cross_entropy(model.train()(x), y).backward()
+            assert model.whiten.bias.grad is not None  # still part of the graph (DDP reduces it)
+            optimizer.step()
+            scheduler.step_batch()
+            moved.append((not torch.equal(model.whiten.bias, before[0]),
+                          not torch.equal(model.block1.conv1.weight, before[1])))
+        scheduler.step_epoch(1.0, 0.5)
+    assert moved == [(True, True)] * 4 + [(False, True)] * 4
+    resumed = build_optimizer(cfg.optim, airbench_model(whiten_bias_epochs=2))
+    again = build_scheduler(cfg.sched, resumed, epochs=4, steps_per_epoch=2)
+    again.load_state_dict({"steps": 5, "epochs": 2})
+    assert resumed.param_groups[2]["lr"] == 0.0 and resumed.param_groups[0]["lr"] > 0
+    with pytest.raises(UserError, match="model.whiten_bias_epochs=0"):
+        create_model("airbench", (3, 32, 32), 10, whiten_bias_epochs=0)
+
+
+def test_the_preset_freezes_the_whitening_bias_after_3_epochs(compose_config):
+    cfg = compose_config(["experiment=cifar10_speedrun", "data=synthetic"])
+    assert cfg.model.whiten_bias_epochs == 3 and cfg.aug.alternate_flips and cfg.aug.hflip
+
+
 def small_net():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
     net.frozen = nn.Linear(2, 2)

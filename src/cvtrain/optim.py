@@ -91,6 +91,11 @@ def param_groups(model: torch.nn.Module, decay_norm_and_bias: bool, norm_and_bia
     `keep_base_lr` is true keeps its parameters out of the scale (airbench's whitening conv: airbench
     scales the BatchNorm biases only). `lr` and `weight_decay` are the optimizer's (needed when s != 1).
 
+    A module whose attribute `train_for_epochs` is an integer N (airbench's whitening conv, from
+    model.whiten_bias_epochs) has its parameters in a group of their own at the base lr, with the key
+    "train_for_epochs": N; the Schedule sets that group's lr to 0 once N epochs are done (frozen, as
+    airbench's requires_grad=False, but the parameter keeps its gradient, so DDP's buckets still fill).
+
     With head_lr_mult m != 1, the parameters of module `head` (the final classifier layer) leave their
     groups for groups of their own, appended in the same order, at m times that group's lr (the same
     weight_decay): m * lr for the head's weight, m * lr (or m * s * lr) for its bias. m = 1 changes nothing.
@@ -98,14 +103,17 @@ def param_groups(model: torch.nn.Module, decay_norm_and_bias: bool, norm_and_bia
     scaled = norm_and_bias_lr_scale != 1
     if scaled and lr is None:
         raise ValueError("param_groups: norm_and_bias_lr_scale != 1 needs the base lr")
-    decay, no_decay, boosted, seen = [], [], [], set()
+    decay, no_decay, boosted, seen, limited = [], [], [], set(), {}
     for module in model.modules():
         for param in module.parameters(recurse=False):
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
             exempt = param.ndim <= 1 or isinstance(module, NORM_LAYERS)
-            if exempt and scaled and not getattr(module, "keep_base_lr", False):
+            epochs = getattr(module, "train_for_epochs", None)
+            if epochs is not None:
+                limited.setdefault((epochs, not exempt or decay_norm_and_bias), []).append(param)
+            elif exempt and scaled and not getattr(module, "keep_base_lr", False):
                 boosted.append(param)
             else:
                 (no_decay if exempt and not decay_norm_and_bias else decay).append(param)
@@ -115,6 +123,8 @@ def param_groups(model: torch.nn.Module, decay_norm_and_bias: bool, norm_and_bia
     if boosted:
         groups.append({"params": boosted, "lr": lr * norm_and_bias_lr_scale,
                        "weight_decay": weight_decay / norm_and_bias_lr_scale if decay_norm_and_bias else 0.0})
+    for (epochs, decayed), params in limited.items():
+        groups.append({"params": params, "train_for_epochs": epochs, **({} if decayed else {"weight_decay": 0.0})})
     if head_lr_mult != 1 and head is not None:
         if lr is None:
             raise ValueError("param_groups: head_lr_mult != 1 needs the base lr")
@@ -267,7 +277,8 @@ class Schedule:
     def _apply(self) -> None:
         factor = self.multiplier()
         for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base_lr * factor
+            done = self.epochs >= group.get("train_for_epochs", math.inf)  # param_groups: frozen after N epochs
+            group["lr"] = 0.0 if done else base_lr * factor
 
     def step_batch(self) -> None:
         """After every optimizer.step()."""

@@ -37,8 +37,9 @@ every model. An explicit model.init (kaiming: rms 0.088, shrunk to 0.056) also r
 weights; init_from_data sets them again.
 
 The training recipe that goes with it (batch 1024, Nesterov SGD, 64x the lr on the BatchNorm biases,
-label smoothing 0.2, lookahead, test-time flips and shifts, the whitening bias frozen after 3 epochs) is
-the trainer's and the experiment=cifar10_speedrun preset's; the optimizer option for the bias lr is
+label smoothing 0.2, lookahead, test-time flips and shifts) is the trainer's and the
+experiment=cifar10_speedrun preset's; the whitening bias trains for model.whiten_bias_epochs (airbench: 3)
+and then freezes (its own param group, lr 0 from then on: optim.param_groups); the optimizer option for the bias lr is
 optim.norm_and_bias_lr_scale (src/cvtrain/optim.py), and the whitening layer's bias keeps the base lr
 (`keep_base_lr`, as in airbench, whose scaled group holds the BatchNorm biases only).
 """
@@ -123,7 +124,7 @@ class AirbenchNet(nn.Sequential):
     """whiten, act, block1..blockN, pool, flatten, fc, scale; see the module docstring."""
 
     def __init__(self, in_channels: int, num_classes: int, widths, whiten_kernel_size: int, whiten_width: int,
-                 whiten_eps: float):
+                 whiten_eps: float, whiten_bias_epochs: int | None = None):
         layers = OrderedDict([
             ("whiten", nn.Conv2d(in_channels, whiten_width, kernel_size=whiten_kernel_size, padding=0, bias=True)),
             ("act", nn.GELU()),
@@ -139,6 +140,8 @@ class AirbenchNet(nn.Sequential):
         self.whiten_eps = whiten_eps
         self.whiten.weight.requires_grad_(False)  # frozen: set from the data, never trained
         self.whiten.keep_base_lr = True  # optim.norm_and_bias_lr_scale leaves its bias at the base lr (airbench)
+        if whiten_bias_epochs is not None:  # optim.param_groups: its bias frozen (lr 0) after that many epochs
+            self.whiten.train_for_epochs = whiten_bias_epochs
         native_init(self)
 
     @torch.no_grad()
@@ -196,8 +199,9 @@ def _positive_int(value, key: str, hint: str) -> None:
 
 @register_model("airbench")
 def airbench(in_shape, num_classes, widths=(64, 256, 256), whiten_kernel_size: int = 2, whiten_width=None,
-             whiten_eps: float = 5e-4):
-    """airbench94's network; whiten_width None: 2 * C * k * k (every eigenvector with both signs)."""
+             whiten_eps: float = 5e-4, whiten_bias_epochs=None):
+    """airbench94's network; whiten_width None: 2 * C * k * k (every eigenvector with both signs);
+    whiten_bias_epochs N: the whitening bias trains for the first N epochs only (None: throughout)."""
     c, h, w = in_shape
     if not isinstance(widths, (list, tuple)) or not widths:
         raise UserError(f"model.widths={widths!r}: the blocks' channel counts, a nonempty list (like [64,256,256])")
@@ -215,9 +219,13 @@ def airbench(in_shape, num_classes, widths=(64, 256, 256), whiten_kernel_size: i
     if isinstance(whiten_eps, bool) or not isinstance(whiten_eps, (int, float)) or not whiten_eps > 0:
         raise UserError(f"model.whiten_eps={whiten_eps!r}: added to the patch eigenvalues, a positive number "
                         "(like 5e-4)")
+    if whiten_bias_epochs is not None:
+        _positive_int(whiten_bias_epochs, "whiten_bias_epochs", "the epochs the whitening bias trains before it "
+                      "freezes, an integer >= 1 (airbench: 3), or null to train it throughout")
     need = 2 ** len(widths) + whiten_kernel_size - 1  # each block halves the whitened map
     if min(h, w) < need:
         raise UserError(f"airbench with {len(widths)} blocks and {whiten_kernel_size}x{whiten_kernel_size} "
                         f"whitening needs images of at least {need}x{need}; got {h}x{w}. Use model=mlp or "
                         "model=linear for smaller inputs.")
-    return AirbenchNet(c, num_classes, list(widths), whiten_kernel_size, whiten_width, float(whiten_eps))
+    return AirbenchNet(c, num_classes, list(widths), whiten_kernel_size, whiten_width, float(whiten_eps),
+                       whiten_bias_epochs)
