@@ -317,3 +317,13 @@ def test_a_failing_model_is_a_failed_row_and_the_others_still_run(bench, monkeyp
     bad, good = bench.section_overhead(ctx)
     assert bad["failed"] and "RuntimeError: boom" in bad["note"]
     assert not good["failed"] and good["images"] == 7
+
+
+def test_airbench_cpu_without_airbench_names_the_install(tmp_path):
+    """scripts/airbench_cpu.py (airbench94 itself on the CPU): without the package, an error naming the install."""
+    if importlib.util.find_spec("airbench") is not None:
+        pytest.skip("airbench is installed here")
+    proc = subprocess.run([sys.executable, str(SCRIPT.parent / "airbench_cpu.py"), "--cifar-root", str(tmp_path)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    assert proc.returncode != 0 and "airbench is not importable" in proc.stdout
+    assert "pip install airbench==0.1.8" in proc.stdout
