@@ -81,3 +81,32 @@ def test_the_experiment_covers_every_run_and_is_rewritten_when_runs_are_added(tm
     assert {h.name: h.differs for h in experiment.hparam_infos}["optim.lr"]
     assert acc.Scalars("update_ratio/reference_1e-3")[-1].step == 112
     assert sorted(p.name for p in tmp_path.iterdir()) == ["2026-01-01", "a", "b", "reference"]  # no leftovers
+
+
+def test_a_reference_folder_cvtrain_did_not_write_is_left_alone(tmp_path):
+    mine = tmp_path / "reference"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's own")
+    with pytest.raises(ValueError, match="not written by cvtrain"):
+        write_experiment(tmp_path)
+    assert (mine / "notes.txt").read_text() == "the user's own" and len(list(tmp_path.iterdir())) == 1
+    # a folder of an earlier cvtrain (event files only, no marker) is replaced, and then carries the marker
+    (tmp_path / "logs").mkdir()
+    old = tmp_path / "logs" / "reference"
+    old.mkdir()
+    (old / "events.out.tfevents.1.host.1.0").write_bytes(b"")
+    write_experiment(tmp_path / "logs")
+    assert (old / ".cvtrain-experiment").is_file() and len(list(old.glob("events.out.tfevents.*"))) == 1
+
+
+def test_a_run_dir_moved_out_of_outputs_writes_no_experiment_above_the_working_dir(tmp_path, run_cli):
+    """hydra.run.dir=<elsewhere> beside the default sweep dir (outputs/sweep-...): the two meet only above the
+    working directory, which is no folder of runs: no experiment is searched for or written there."""
+    project = tmp_path / "project"
+    project.mkdir()
+    proc = run_cli(["data=synthetic", "data.num_samples=64", "data.image_size=8", "model=linear", "trainer.epochs=1",
+                    "trainer.viz=false", f"hydra.run.dir={tmp_path / 'elsewhere' / 'run'}"], project)
+    assert proc.returncode == 0, proc.stdout
+    assert (tmp_path / "elsewhere" / "run" / "metrics.jsonl").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "project"]  # no tmp_path/reference
+    assert "HPARAMS" not in proc.stdout

@@ -34,6 +34,7 @@ SUMMARY_METRICS = ["best_val_acc", "final_val_acc", "test_acc", "train_time_s", 
                    "update_ratio_log10"]
 GROUPS = ("model", "loss", "reg", "optim", "sched", "aug", "data", "trainer")
 EXPERIMENT_DIR = "reference"  # under the log root: the experiment and the update-ratio reference line
+EXPERIMENT_MARKER = ".cvtrain-experiment"  # in EXPERIMENT_DIR: write_experiment replaces only folders with it
 UPDATE_RATIO_REFERENCE = -3.0  # log10(1e-3): the course's rule of thumb for a healthy learning rate
 REFERENCE_POINTS = 100  # the reference line: -3 at 101 steps evenly spaced from 0 to the last step of any run
 OFF = {**{f"aug.{k}": v for k, v in vars(AugConfig()).items()}, **{f"reg.{k}": v for k, v in vars(RegConfig()).items()}}
@@ -86,7 +87,10 @@ def run_hparams(cfg) -> dict:
 
 def log_root(run_dir: Path):
     """The folder TensorBoard is pointed at: the common parent of hydra.run.dir and hydra.sweep.dir
-    (`outputs`), when run_dir is below it; None outside a Hydra run."""
+    (`outputs`), when run_dir is below it; None outside a Hydra run, and None when that parent is the
+    working directory or above it: a hydra.run.dir moved elsewhere (/tmp/runs/a beside the default
+    outputs/sweep-...) meets the sweep dir only at / or /tmp, which are no folder of runs (the experiment
+    would search the whole tree for runs and write a `reference` folder there)."""
     if not HydraConfig.initialized():
         return None
     hydra_cfg = HydraConfig.get()
@@ -94,7 +98,9 @@ def log_root(run_dir: Path):
         root = Path(os.path.commonpath([os.path.abspath(hydra_cfg.run.dir), os.path.abspath(hydra_cfg.sweep.dir)]))
     except ValueError:
         return None
-    run_dir = Path(run_dir).resolve()
+    root, run_dir, cwd = root.resolve(), Path(run_dir).resolve(), Path.cwd().resolve()
+    if root == cwd or root in cwd.parents:
+        return None
     return root if root != run_dir and root in run_dir.parents else None
 
 
@@ -185,12 +191,23 @@ def _last_step(run_dir: Path) -> int:
     return json.loads(lines[-1]).get("step", 0) if lines else 0
 
 
+def written_by_cvtrain(folder: Path) -> bool:
+    """Whether `folder` is an experiment folder write_experiment made: it holds the marker file, or (as the
+    folders of versions before the marker) nothing but TensorBoard event files."""
+    entries = list(folder.iterdir())
+    return (folder / EXPERIMENT_MARKER).is_file() or all(
+        e.is_file() and e.name.startswith("events.out.tfevents.") for e in entries)
+
+
 def write_experiment(root: Path) -> Path:
     """(Re)write <root>/reference/: the HPARAMS experiment of every training run under root and the
     update-ratio reference line. Written to a new folder, then swapped in, so a reader never sees
-    half of it."""
-    runs = logged_runs(root)
+    half of it. A `reference` folder that write_experiment did not make (written_by_cvtrain) is left
+    as it is: ValueError, and no experiment."""
     target = Path(root) / EXPERIMENT_DIR
+    if (target.is_dir() and not written_by_cvtrain(target)) or (target.exists() and not target.is_dir()):
+        raise ValueError(f"{target} was not written by cvtrain: left as it is, no HPARAMS experiment there")
+    runs = logged_runs(root)
     tmp = Path(tempfile.mkdtemp(prefix=".reference-", dir=root))
     writer = SummaryWriter(str(tmp))
     writer.file_writer.add_summary(experiment([row for _, row, _ in runs]))
@@ -200,6 +217,7 @@ def write_experiment(root: Path) -> Path:
     for i in range(REFERENCE_POINTS + 1):
         writer.add_scalar("update_ratio/reference_1e-3", UPDATE_RATIO_REFERENCE, round(i * last / REFERENCE_POINTS))
     writer.close()
+    (tmp / EXPERIMENT_MARKER).write_text("written by cvtrain (hparams.write_experiment); replaced at every run\n")
     old = target.with_name(f".{EXPERIMENT_DIR}-old-{os.getpid()}")
     if target.exists():
         target.rename(old)
