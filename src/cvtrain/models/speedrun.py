@@ -38,7 +38,7 @@ weights; init_from_data sets them again.
 
 The training recipe that goes with it (batch 1024, Nesterov SGD, 64x the lr on the BatchNorm biases,
 label smoothing 0.2, lookahead, test-time flips and shifts) is the trainer's and the
-experiment=cifar10_speedrun preset's; the whitening bias trains for model.whiten_bias_epochs (airbench: 3)
+experiment=cifar10_speedrun preset's; the whitening bias trains for model.whiten_bias_epochs (the preset: 3, airbench's)
 and then freezes (its own param group, lr 0 from then on: optim.param_groups); the optimizer option for the bias lr is
 optim.norm_and_bias_lr_scale (src/cvtrain/optim.py), and the whitening layer's bias keeps the base lr
 (`keep_base_lr`, as in airbench, whose scaled group holds the BatchNorm biases only).
