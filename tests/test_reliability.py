@@ -199,7 +199,7 @@ def test_drop_records_after_keeps_earlier_epochs_and_drops_a_half_written_line(t
     drop_records_after(path, 2)
     assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [1, 2]
     drop_records_after(path, 5)  # nothing to drop: left as it is
-    assert path.read_text().count("\n") == 2 and not (tmp_path / "metrics.jsonl.tmp").exists()
+    assert path.read_text().count("\n") == 2 and [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
     drop_records_after(tmp_path / "missing.jsonl", 1)  # a run dir without records yet
 
 

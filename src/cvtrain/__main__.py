@@ -59,6 +59,7 @@ from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from cvtrain import ChecksFailed, Interrupted, TrainingDiverged, UserError, distributed, elastic, sweeps  # noqa: E402
+from cvtrain.checkpoint import write_text_atomic  # noqa: E402
 from cvtrain.config import register_configs  # noqa: E402
 from cvtrain.models import model_kind  # noqa: E402
 from cvtrain.monitor import write_summary  # noqa: E402
@@ -210,9 +211,7 @@ def _record_trial(run_dir: Path, status: str, reason) -> None:
         folder = sweep_dir / TRIAL_RECORDS
         folder.mkdir(exist_ok=True)
         record = {"run_dir": str(run_dir), "status": status, "reason": reason, "sweep": _sweep_stamp(sweep_dir)}
-        tmp = folder / f".{hydra_cfg.job.num}.json.tmp"
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, folder / f"{hydra_cfg.job.num}.json")
+        write_text_atomic(folder / f"{hydra_cfg.job.num}.json", json.dumps(record))
     except OSError as err:  # the trial's own summary.json still says it
         log.warning("could not record the trial for the sweep's final line: %s", err)
 

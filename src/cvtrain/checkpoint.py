@@ -63,6 +63,16 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to a hidden temporary file beside `path` and os.replace it over `path`: a reader (or a
+    crash) sees the old file or the new one, never half of it. Small records and tables (metrics.jsonl on a
+    resume, results.csv, trial and restart records, the search's files); checkpoints: save_checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def save_checkpoint(path: Path, state: dict, durable: bool = True) -> None:
     """Write to a temporary file in the same directory, flush + fsync it, os.replace it over `path`,
     fsync the directory: a crash never leaves a half-written or lost checkpoint at `path`.

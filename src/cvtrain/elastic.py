@@ -23,6 +23,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from cvtrain import UserError
+from cvtrain.checkpoint import write_text_atomic
 from cvtrain.resume import completed
 
 
@@ -55,9 +56,7 @@ def remember(run_dir: Path, argv: list, env=None) -> None:
     except (OSError, ValueError, KeyError, TypeError):
         pass
     record.parent.mkdir(parents=True, exist_ok=True)
-    tmp = record.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"run_dir": run_dir, "argv": list(argv)}))
-    os.replace(tmp, record)
+    write_text_atomic(record, json.dumps({"run_dir": run_dir, "argv": list(argv)}))
 
 
 def continued_run(argv: list, env=None):

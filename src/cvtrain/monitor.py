@@ -16,6 +16,7 @@ import torch.nn as nn
 from torch.utils.tensorboard import SummaryWriter
 
 from cvtrain import TrainingDiverged
+from cvtrain.checkpoint import write_text_atomic
 from cvtrain.hparams import SUMMARY_METRICS, log_root, session_end, session_start, write_experiment
 
 log = logging.getLogger("cvtrain")
@@ -348,9 +349,7 @@ def drop_records_after(path: Path, epoch: int) -> None:
         return
     log.info("%s: dropped %d record(s) written after epoch %d (the checkpoint this run resumes from)",
              path.name, len(lines) - len(kept), epoch)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 class RunLogger:

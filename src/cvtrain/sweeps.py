@@ -15,12 +15,12 @@ import csv
 import io
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Optional
 
 import yaml
 
+from cvtrain.checkpoint import write_text_atomic
 from cvtrain.table import format_table
 
 log = logging.getLogger("cvtrain")
@@ -91,9 +91,7 @@ def write_sweep_results(sweep_dir) -> tuple:
     for row in rows:
         writer.writerow(["" if row.get(k) is None else row.get(k) for k in columns])
     path = sweep_dir / "results.csv"
-    tmp = path.with_name(f".results.csv.{os.getpid()}.tmp")
-    tmp.write_text(buffer.getvalue())
-    os.replace(tmp, path)
+    write_text_atomic(path, buffer.getvalue())
     right = {i for i, k in enumerate(columns) if k in ("best_val_acc", "epochs", "train_time_s")}
     shown = [[_cell(k, row.get(k)) for k in columns if k != "run_dir"] for row in rows]
     return path, format_table([k for k in columns if k != "run_dir"], shown, right=right)

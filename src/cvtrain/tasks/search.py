@@ -69,7 +69,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from cvtrain import Interrupted, TrainingDiverged, UserError
-from cvtrain.checkpoint import process_alive
+from cvtrain.checkpoint import process_alive, write_text_atomic
 from cvtrain.config import SearchConfig
 from cvtrain.models import model_kind
 from cvtrain.monitor import write_summary
@@ -769,18 +769,12 @@ def write_results(search_dir: Path, stages: list, studies: list) -> tuple:
     writer.writerow(header)
     for row in rows:
         writer.writerow(["" if row.get(k) is None else row.get(k) for k in header])
-    _atomic_write(search_dir / "results.csv", buffer.getvalue())
+    write_text_atomic(search_dir / "results.csv", buffer.getvalue())
     shown = [[(f"{100 * row[k]:.2f}%" if k == "val_acc" and row[k] is not None else
                _num(row[k]) if isinstance(row.get(k), float) else "-" if row.get(k) is None else row[k])
               for k in header] for row in rows]
     right = {i for i, k in enumerate(header) if k in ("stage", "val_acc", "epochs") or k in keys}
     return search_dir / "results.csv", format_table(header, shown, right=right)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_best(search: Search, stage: Stage, best) -> Path:
@@ -795,7 +789,7 @@ def write_best(search: Search, stage: Stage, best) -> Path:
             f"{100 * best.value:.2f}%\n#   {', '.join(f'{k}={_num(v)}' for k, v in best.params.items())}\n"
             f"# Re-run it:  python -m cvtrain --config-dir {search.dir} --config-name best [KEY=VALUE ...]\n")
     text = head + yaml.safe_dump({"defaults": defaults}, sort_keys=False) + yaml.safe_dump(plain, sort_keys=False)
-    _atomic_write(search.dir / "best.yaml", text)
+    write_text_atomic(search.dir / "best.yaml", text)
     return search.dir / "best.yaml"
 
 
@@ -995,7 +989,7 @@ def _report(search: Search, stages: list, studies: list, records: list, warnings
     summary = {"status": "completed" if best is not None else "no trial completed", "storage": search.storage_name,
                "sampler": search.s["sampler"], "pruner": search.s["pruner"], "seed": search.s["seed"],
                "best": records[-1]["best"], "stages": records, "edge_warnings": warnings_found}
-    _atomic_write(search.dir / "search.json", json.dumps(summary, indent=2, default=str) + "\n")
+    write_text_atomic(search.dir / "search.json", json.dumps(summary, indent=2, default=str) + "\n")
     files.append("search.json")
     if best is None:
         log.warning("search: no trial completed; see results.csv for why (%s)", search.dir)
